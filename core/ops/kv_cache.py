@@ -1,0 +1,131 @@
+"""Per-layer KV storage: the MLA latent cache (float or FlashMLA FP8 layout) and the indexer key cache.
+
+Both are paged: storage is [num_pages, page_size, width] and addressed by global slot
+(``page * page_size + offset``). The methods here are the reference read/write; backends may write
+through faster kernels but must produce the same bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv.ops.quant import act_dequant, act_quant, fp8_kv_bytes, pack_fp8_kv, unpack_fp8_kv
+
+KV_DTYPES = ("auto", "bf16", "fp8_e4m3")
+
+
+class MLACacheLayer:
+    """One layer's MLA cache: rows of [latent R | rope Dr] per token.
+
+    ``layout`` is ``"float"`` (rows in ``dtype``; 1152 B/token in bf16 for V3.2) or ``"fp8"`` (FlashMLA's
+    656-byte rows: R e4m3 | R/128 fp32 scales of amax/448 | Dr bf16).
+    """
+
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        layout: str,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if layout not in ("float", "fp8"):
+            raise ValueError(f"unknown MLA cache layout {layout!r}")
+        self.kv_lora_rank = kv_lora_rank
+        self.rope_dim = rope_dim
+        self.layout = layout
+        self.dtype = dtype  # dtype rows are read back in
+        self.page_size = page_size
+        if layout == "fp8":
+            width = fp8_kv_bytes(kv_lora_rank, rope_dim)
+            self.storage = torch.zeros(num_pages, page_size, width, dtype=torch.uint8, device=device)
+        else:
+            width = kv_lora_rank + rope_dim
+            self.storage = torch.zeros(num_pages, page_size, width, dtype=dtype, device=device)
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """[num_slots, width] view of the storage."""
+        return self.storage.view(-1, self.storage.shape[-1])
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.storage.shape[-1] * self.storage.element_size()
+
+    def write(self, slots: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor) -> None:
+        """Store [T, R] latents and [T, Dr] rope keys at global ``slots`` [T]."""
+        if self.layout == "fp8":
+            rows = pack_fp8_kv(latent, rope)
+        else:
+            rows = torch.cat([latent, rope], dim=-1).to(self.dtype)
+        self.flat[slots.long()] = rows
+
+    def read_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows [N, R + Dr] (dequantized, in ``self.dtype``) at global ``slots`` [N]."""
+        rows = self.flat[slots.long()]
+        if self.layout == "fp8":
+            return unpack_fp8_kv(rows, self.kv_lora_rank, self.rope_dim, self.dtype)
+        return rows
+
+
+class IndexKCacheLayer:
+    """One layer's indexer key cache.
+
+    With ``quantized=True`` each page is laid out as SGLang/DeepGEMM expect: ``page_size * D`` e4m3 key bytes
+    followed by ``page_size`` fp32 scales (power-of-two, ue8m0), 132 bytes per token for D = 128.
+    Otherwise keys are kept unquantized in ``dtype`` (``--indexer-quant none``).
+    """
+
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        head_dim: int,
+        quantized: bool,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.head_dim = head_dim
+        self.quantized = quantized
+        self.dtype = dtype
+        self.page_size = page_size
+        if quantized:
+            self.storage = torch.zeros(
+                num_pages, page_size * (head_dim + 4), dtype=torch.uint8, device=device
+            )
+            key_bytes = page_size * head_dim
+            self.keys = (
+                self.storage[:, :key_bytes].view(torch.float8_e4m3fn).view(num_pages, page_size, head_dim)
+            )
+            self.scales = self.storage[:, key_bytes:].view(torch.float32).view(num_pages, page_size)
+        else:
+            self.storage = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=device)
+            self.keys = self.storage
+            self.scales = None
+
+    @property
+    def bytes_per_token(self) -> int:
+        return (self.head_dim + 4) if self.quantized else self.head_dim * self.storage.element_size()
+
+    def _page_offset(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = slots.long()
+        return slots // self.page_size, slots % self.page_size
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor) -> None:
+        """Store keys [T, D] (already rotated) at global ``slots`` [T], quantizing when the cache is FP8."""
+        page, off = self._page_offset(slots)
+        if self.quantized:
+            q, s = act_quant(k, self.head_dim, "ue8m0")
+            self.keys[page, off] = q
+            self.scales[page, off] = s[:, 0]
+        else:
+            self.keys[page, off] = k.to(self.dtype)
+
+    def read(self, slots: torch.Tensor) -> torch.Tensor:
+        """Dequantized keys [..., D] in fp32 at global ``slots`` (any shape)."""
+        page, off = self._page_offset(slots)
+        if self.quantized:
+            return act_dequant(self.keys[page, off], self.scales[page, off].unsqueeze(-1), self.head_dim)
+        return self.keys[page, off].float()

@@ -1,0 +1,130 @@
+"""FP8 quantization math shared by every backend: block-scaled weights, activation groups, KV layouts.
+
+These are the numerical definitions (DeepSeek's ``act_quant`` / ``weight_dequant`` and FlashMLA's 656-byte
+KV layout); kernels elsewhere must agree with them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_E4M3_MAX = 448.0
+AMAX_FLOOR = 1e-4
+
+
+def fp8_dtype_max(dtype: torch.dtype) -> float:
+    """Largest finite value of an fp8 dtype (448 for e4m3fn, 240 for e4m3fnuz)."""
+    return float(torch.finfo(dtype).max)
+
+
+def ue8m0_round(scale: torch.Tensor) -> torch.Tensor:
+    """Round positive scales up to the next power of two (exactly, on the exponent bits)."""
+    bits = scale.float().contiguous().view(torch.int32)
+    mantissa = bits & 0x007FFFFF
+    exponent = (bits >> 23) & 0xFF
+    exponent = exponent + (mantissa != 0).to(torch.int32)
+    return (exponent << 23).view(torch.float32)
+
+
+def act_quant(
+    x: torch.Tensor, block: int = 128, scale_fmt: str | None = None, fp8: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the last dim of ``x`` in groups of ``block``: returns (fp8 values, fp32 scales [..., n/block]).
+
+    scale = max(amax, 1e-4) / fp8_max, rounded up to a power of two when ``scale_fmt == "ue8m0"``.
+    A ragged last group (n % block != 0) gets its own scale.
+    """
+    n = x.shape[-1]
+    groups = -(-n // block)
+    pad = groups * block - n
+    xf = x.float()
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, pad))
+    xg = xf.view(*x.shape[:-1], groups, block)
+    amax = xg.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
+    scale = amax / fp8_dtype_max(fp8)
+    if scale_fmt == "ue8m0":
+        scale = ue8m0_round(scale)
+    limit = fp8_dtype_max(fp8)
+    q = (xg / scale.unsqueeze(-1)).clamp(-limit, limit).to(fp8)
+    q = q.view(*x.shape[:-1], groups * block)[..., :n]
+    return q, scale
+
+
+def act_dequant(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Inverse of :func:`act_quant` in fp32."""
+    n = q.shape[-1]
+    expanded = scale.repeat_interleave(block, dim=-1)[..., :n]
+    return q.float() * expanded
+
+
+def quant_roundtrip(x: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -> torch.Tensor:
+    """``x`` after FP8 quantization and dequantization, in ``x``'s dtype (what an FP8 kernel sees)."""
+    q, s = act_quant(x, block, scale_fmt)
+    return act_dequant(q, s, block).to(x.dtype)
+
+
+def weight_dequant(
+    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128), dtype=torch.float32
+) -> torch.Tensor:
+    """Dequantize a block-FP8 weight [out, in]: ``w[i, j] * scale_inv[i // bo, j // bi]`` (ragged blocks ok)."""
+    out_f, in_f = w.shape
+    bo, bi = block
+    expected = (-(-out_f // bo), -(-in_f // bi))
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(
+            f"weight_scale_inv shape {tuple(scale_inv.shape)} does not match {expected} for {tuple(w.shape)}"
+        )
+    s = scale_inv.float().repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi, 1)[:, :in_f]
+    return (w.float() * s).to(dtype)
+
+
+def weight_quant(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-quantize a float weight to e4m3 with fp32 ``weight_scale_inv`` (amax/448 per block)."""
+    out_f, in_f = w.shape
+    bo, bi = block
+    ro, ri = -(-out_f // bo), -(-in_f // bi)
+    padded = torch.zeros(ro * bo, ri * bi, dtype=torch.float32, device=w.device)
+    padded[:out_f, :in_f] = w.float()
+    blocks = padded.view(ro, bo, ri, bi)
+    amax = blocks.abs().amax(dim=(1, 3)).clamp_min(AMAX_FLOOR)
+    scale = amax / FP8_E4M3_MAX
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.view(ro * bo, ri * bi)[:out_f, :in_f].contiguous(), scale
+
+
+# ----- MLA latent cache in FlashMLA's FP8 layout -----
+# Per token: kv_lora_rank e4m3 bytes | kv_lora_rank/128 fp32 scales (amax/448, not rounded) | rope bf16 values.
+# For DeepSeek-V3.2 (512 + 64) this is 512 + 16 + 128 = 656 bytes.
+
+
+def fp8_kv_bytes(kv_lora_rank: int, rope_dim: int) -> int:
+    """Bytes per token of the FP8 MLA cache layout (656 for 512 + 64)."""
+    if kv_lora_rank % 128:
+        raise ValueError(f"the FP8 KV layout needs kv_lora_rank % 128 == 0, got {kv_lora_rank}")
+    return kv_lora_rank + (kv_lora_rank // 128) * 4 + rope_dim * 2
+
+
+def pack_fp8_kv(latent: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Pack [T, R] latents and [T, Dr] rope keys into [T, fp8_kv_bytes] uint8 rows."""
+    t, r = latent.shape
+    q, s = act_quant(latent, 128, None)
+    return torch.cat(
+        [
+            q.view(torch.uint8),
+            s.contiguous().view(torch.uint8).view(t, -1),
+            rope.to(torch.bfloat16).contiguous().view(torch.uint8).view(t, -1),
+        ],
+        dim=1,
+    )
+
+
+def unpack_fp8_kv(rows: torch.Tensor, kv_lora_rank: int, rope_dim: int, dtype=torch.float32) -> torch.Tensor:
+    """Dequantize [N, bytes] uint8 rows to [N, kv_lora_rank + rope_dim] in ``dtype``."""
+    n = rows.shape[0]
+    r = kv_lora_rank
+    n_scales = r // 128
+    q = rows[:, :r].contiguous().view(torch.float8_e4m3fn)
+    s = rows[:, r : r + 4 * n_scales].contiguous().view(torch.float32).view(n, n_scales)
+    rope = rows[:, r + 4 * n_scales : r + 4 * n_scales + 2 * rope_dim].contiguous().view(torch.bfloat16)
+    return torch.cat([act_dequant(q, s, 128), rope.float()], dim=1).to(dtype)
