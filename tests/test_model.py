@@ -17,7 +17,10 @@ def tiny_model():
     return random_tiny_model(cfg), cfg
 
 
-def _prefill(model, ids, spec=CacheSpec(page_size=4, indexer_quant="none")):
+SPEC = CacheSpec(page_size=4, indexer_quant="none")
+
+
+def _prefill(model, ids, spec=SPEC):
     pool = KVPool(model.cfg, spec, 64, model.dtype, with_mtp=True)
     pages = pool.allocate(-(-len(ids) // spec.page_size))
     meta = build_metadata([SeqChunk(0, len(ids), pages)], spec.page_size)
