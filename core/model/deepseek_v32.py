@@ -98,6 +98,10 @@ class DeepseekV32ForCausalLM(nn.Module):
         self.lm_head.requires_grad_(False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.qk_rope_head_dim), persistent=False)
 
+    def reset_buffers(self) -> None:
+        """Recompute non-checkpoint buffers (after ``to_empty``)."""
+        self.inv_freq = rope_inv_freq(self.cfg.rope, self.cfg.qk_rope_head_dim).to(self.inv_freq.device)
+
     @property
     def num_layers(self) -> int:
         return self.cfg.num_hidden_layers
