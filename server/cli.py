@@ -14,7 +14,7 @@ COMMANDS = {
         "dsv.server.cmd_backends",
         "list the backends found, whether they can run here, and their kernels",
     ),
-    "conformance": ("dsv.testing.runner", "run the backend conformance suite and write a report"),
+    # "conformance": ("dsv.testing.runner", "run the backend conformance suite and write a report"),
 }
 
 
