@@ -1,0 +1,1 @@
+"""Portable Triton kernels (used by the cuda and rocm backends)."""
