@@ -37,21 +37,44 @@ ORIGINAL = {
     "num_nextn_predict_layers": 1,
     "max_position_embeddings": 163840,
     "rope_theta": 10000,
-    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 40,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
     "rms_norm_eps": 1e-6,
     "torch_dtype": "bfloat16",
-    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                            "weight_block_size": [128, 128], "scale_fmt": "ue8m0"},
+    "quantization_config": {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "scale_fmt": "ue8m0",
+    },
 }
 
 
 def transformers5_form() -> dict:
-    cfg = {k: v for k, v in ORIGINAL.items() if k not in ("rope_scaling", "rope_theta", "torch_dtype",
-                                                         "first_k_dense_replace", "quantization_config")}
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
-                              "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
-                              "mscale": 1.0, "mscale_all_dim": 1.0}
+    cfg = {
+        k: v
+        for k, v in ORIGINAL.items()
+        if k
+        not in ("rope_scaling", "rope_theta", "torch_dtype", "first_k_dense_replace", "quantization_config")
+    }
+    cfg["rope_parameters"] = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 40.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
     cfg["dtype"] = "bfloat16"
     cfg["layer_types"] = ["indexed_attention"] * 61
     cfg["mlp_layer_types"] = ["dense"] * 3 + ["sparse"] * 58
