@@ -1,0 +1,1 @@
+"""Shared test helpers (checkpoints on disk, ...)."""
