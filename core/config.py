@@ -125,7 +125,7 @@ class ModelConfig:
         n_layers = int(cfg["num_hidden_layers"])
         first_dense = _first_dense(cfg, n_layers)
         eos = cfg.get("eos_token_id", 1)
-        eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
         return cls(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),
@@ -226,7 +226,10 @@ def _parse_quant(q: dict[str, Any] | None) -> QuantConfig | None:
     method = q.get("quant_method")
     if method != "fp8":
         raise ConfigError(f"quantization method {method!r} is not supported (only block 'fp8')")
+    fmt = str(q.get("fmt", "e4m3"))
+    if fmt != "e4m3":
+        raise ConfigError(f"FP8 format {fmt!r} is not supported (DeepSeek-V3.2 checkpoints use 'e4m3')")
     block = tuple(int(b) for b in q.get("weight_block_size", (128, 128)))
     if len(block) != 2:
         raise ConfigError(f"weight_block_size must have two entries, got {block}")
-    return QuantConfig(block_size=block, scale_fmt=q.get("scale_fmt"), fmt=str(q.get("fmt", "e4m3")))
+    return QuantConfig(block_size=block, scale_fmt=q.get("scale_fmt"), fmt=fmt)

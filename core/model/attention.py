@@ -105,14 +105,20 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(self.rank, self.n_heads * (self.nope + self.v_dim), fp8, cfg, dtype)
         self.o_proj = Linear(self.n_heads * self.v_dim, cfg.hidden_size, fp8, cfg, dtype)
         self.indexer = Indexer(cfg, dtype)
-        self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._absorbed: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK [H, nope, R], W_UV [H, v, R]) from kv_b_proj, dequantized once and kept."""
-        if self._absorbed is None or self._absorbed[0].dtype != dtype:
+        """(W_UK [H, nope, R], W_UV [H, v, R]) from kv_b_proj, dequantized once and kept.
+
+        The copy is keyed by dtype, storage and version of the weight, so reloading weights or moving the
+        model to another device recomputes it.
+        """
+        weight = self.kv_b_proj.weight
+        key = (dtype, weight.device, weight.data_ptr(), weight._version)
+        if self._absorbed is None or self._absorbed[0] != key:
             w = self.kv_b_proj.dequantized(dtype).view(self.n_heads, self.nope + self.v_dim, self.rank)
-            self._absorbed = (w[:, : self.nope].contiguous(), w[:, self.nope :].contiguous())
-        return self._absorbed
+            self._absorbed = (key, w[:, : self.nope].contiguous(), w[:, self.nope :].contiguous())
+        return self._absorbed[1], self._absorbed[2]
 
     def forward(
         self, x: torch.Tensor, rope: RopeTables, meta: AttentionMetadata, cache: LayerCache, ops: OpTable
