@@ -19,6 +19,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   case "$1" in
     test)
       $PIP install -e ".[server,test,triton]"
+      # The NVIDIA backend package: its probe, kernel table and vendor adapters are contract-tested on the CPU.
+      $PIP install -e backends/cuda --no-deps
       # The dummy backend package proves entry-point discovery and the conformance suite without hardware.
       if [ -d tests/plugins/dsv_dummy_backend ]; then $PIP install -e tests/plugins/dsv_dummy_backend --no-deps; fi
       ;;

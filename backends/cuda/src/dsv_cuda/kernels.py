@@ -1,0 +1,104 @@
+"""The CUDA backend's kernel table: per operation, the named kernels in preference order.
+
+Preference follows SGLang on H200 (vendor kernel > dsv's TileLang > dsv's Triton > torch reference). A
+kernel whose library is missing or cannot run on this GPU stays in the table with ``available=False`` and
+the reason: ``dsv backends`` shows it, and choosing it is refused with that reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dsv.backend.interface import OPS, Kernel
+from dsv.backend.reference import reference_kernel
+from dsv_cuda.adapters import deepgemm, fa3, flashmla, scaled_mm
+from dsv_cuda.libraries import (
+    DEEP_GEMM,
+    FA3,
+    FLASH_MLA,
+    library_status,
+    scaled_mm_status,
+    triton_kernels,
+)
+
+TILELANG_REASON = "dsv's TileLang kernels are not written yet"
+
+Status = tuple[bool, str]
+
+
+def _kernel(op: str, name: str, fn: Callable[..., Any] | None, status: Status, description: str) -> Kernel:
+    ok, reason = status
+    return Kernel(op=op, name=name, fn=fn, available=ok, reason="" if ok else reason, description=description)
+
+
+def _tilelang(op: str) -> Kernel:
+    return Kernel(op=op, name="tilelang", fn=None, available=False, reason=TILELANG_REASON)
+
+
+def _triton(op: str, table: dict[str, Callable[..., Any]], status: Status) -> list[Kernel]:
+    """dsv's Triton kernel for ``op``; when the Triton package cannot be read at all, one unavailable entry."""
+    ok, reason = status
+    if op in table:
+        return [_kernel(op, "triton", table[op], status, "dsv portable Triton kernel")]
+    if not table and not ok:
+        return [Kernel(op=op, name="triton", fn=None, available=False, reason=reason)]
+    return []
+
+
+def build_kernels(arch: tuple[int, int] | None) -> dict[str, list[Kernel]]:
+    """Every operation's kernels for a GPU of compute capability ``arch`` (None: no GPU visible)."""
+    table, t_ok, t_reason = triton_kernels()
+    triton_status = (t_ok, t_reason)
+    mla = library_status(FLASH_MLA, arch)
+    fa = library_status(FA3, arch)
+    dg = library_status(DEEP_GEMM, arch)
+
+    vendor: dict[str, list[Kernel]] = {
+        "linear": [
+            _kernel("linear", "deep_gemm", deepgemm.linear, dg, "DeepGEMM fp8_gemm_nt"),
+            _kernel(
+                "linear",
+                "scaled_mm",
+                scaled_mm.linear,
+                scaled_mm_status(arch),
+                "torch._scaled_mm 1x128/128x128",
+            ),
+        ],
+        "indexer_topk_prefill": [
+            _kernel(
+                "indexer_topk_prefill", "deep_gemm", deepgemm.indexer_prefill, dg, "fp8_mqa_logits + topk"
+            ),
+        ],
+        "indexer_topk_decode": [
+            _kernel(
+                "indexer_topk_decode", "deep_gemm", deepgemm.indexer_decode, dg, "fp8_paged_mqa_logits + topk"
+            ),
+        ],
+        "sparse_mla_prefill": [
+            _kernel(
+                "sparse_mla_prefill", "flashmla_prefill", flashmla.sparse_prefill, mla, "FlashMLA sparse_fwd"
+            ),
+            _kernel("sparse_mla_prefill", "fa3", fa3.sparse_mla, fa, "FA3 with top-k page table, bf16 KV"),
+            _tilelang("sparse_mla_prefill"),
+        ],
+        "sparse_mla_decode": [
+            _kernel("sparse_mla_decode", "fa3", fa3.sparse_mla, fa, "FA3 with top-k page table, bf16 KV"),
+            _kernel(
+                "sparse_mla_decode",
+                "flashmla_decode",
+                flashmla.sparse_decode,
+                mla,
+                "FlashMLA with_kvcache, FP8 KV, page 64",
+            ),
+            _tilelang("sparse_mla_decode"),
+        ],
+        "mha_prefill": [_kernel("mha_prefill", "fa3", fa3.mha_prefill, fa, "FA3 flash_attn_varlen_func")],
+        "fused_moe": [
+            _kernel("fused_moe", "deep_gemm", deepgemm.fused_moe, dg, "DeepGEMM m_grouped contiguous"),
+        ],
+    }
+    kernels: dict[str, list[Kernel]] = {}
+    for op in OPS:
+        kernels[op] = [*vendor.get(op, []), *_triton(op, table, triton_status), reference_kernel(op)]
+    return kernels
