@@ -61,7 +61,14 @@ def run(args: argparse.Namespace) -> int:
     if any(not 0 <= i < vocab for i in ids):
         raise SystemExit(f"--input-ids must lie in [0, {vocab})")
     spec = CacheSpec(args.page_size, args.kv_cache_dtype, args.indexer_quant)
-    gen = SingleRequestGenerator(model, backend.ops(), spec, len(ids) + args.max_new_tokens, device)
+    cache_config = {
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "page_size": args.page_size,
+        "indexer_quant": args.indexer_quant,
+        "dtype": args.dtype,
+    }
+    ops = backend.ops(None, cache_config)
+    gen = SingleRequestGenerator(model, ops, spec, len(ids) + args.max_new_tokens, device)
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,

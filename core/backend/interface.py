@@ -143,10 +143,16 @@ class Backend(ABC):
         known = ", ".join(f"{k.name}{'' if k.available else ' (unavailable)'}" for k in kernels) or "none"
         raise KernelUnavailable(f"{self.name}: no kernel named {name!r} for {op}; known: {known}")
 
-    def ops(self, choices: dict[str, str] | None = None) -> OpTable:
-        """Resolve one callable per operation; ``choices`` maps op name to kernel name."""
-        choices = choices or {}
-        return OpTable({op: self.kernel(op, choices.get(op)) for op in OPS})
+    def ops(self, choices: dict[str, str] | None = None, config: dict[str, Any] | None = None) -> OpTable:
+        """Resolve one callable per operation.
+
+        Args:
+            choices: op name (or ``nsa_prefill`` / ``nsa_decode``) -> kernel name; unnamed ops get the default.
+            config: the cache configuration (``validate()``'s keys); a backend whose best kernel depends on it
+                (e.g. the decode kernel on the KV dtype) uses it to choose defaults. The base ignores it.
+        """
+        wanted = {SELECTABLE_OPS.get(k, k): v for k, v in (choices or {}).items() if v}
+        return OpTable({op: self.kernel(op, wanted.get(op)) for op in OPS})
 
 
 class OpTable:
