@@ -14,6 +14,7 @@ COMMANDS = {
         "dsv.server.cmd_backends",
         "list the backends found, whether they can run here, and their kernels",
     ),
+    "bench": ("dsv.server.cmd_bench", "benchmarks: offline engine throughput, or a running server (serving)"),
     "eval": ("dsv.server.cmd_eval", "accuracy evals (gsm8k, gpqa) against a running server"),
     # "conformance": ("dsv.testing.runner", "run the backend conformance suite and write a report"),
 }

@@ -96,3 +96,31 @@ class KVPool:
 
     def release(self, pages: list[int]) -> None:
         self._free.extend(reversed(pages))
+
+
+def plan_num_pages(
+    cfg: ModelConfig,
+    spec: CacheSpec,
+    dtype: torch.dtype,
+    budget_bytes: int | None,
+    max_total_tokens: int | None,
+    with_mtp: bool = False,
+    max_useful_tokens: int | None = None,
+) -> int:
+    """Pages to allocate (page 0 included): ``max_total_tokens`` when given, else as many as ``budget_bytes``
+    holds, never more than ``max_useful_tokens`` (what the running requests could ever fill)."""
+    if max_total_tokens is None:
+        if budget_bytes is None:
+            raise ValueError("give --max-total-tokens or --mem-fraction-static")
+        per_page = KVPool.bytes_per_token(cfg, spec, dtype, with_mtp) * spec.page_size
+        pages = budget_bytes // per_page
+        if max_useful_tokens is not None:
+            pages = min(pages, -(-max_useful_tokens // spec.page_size))
+    else:
+        pages = -(-max_total_tokens // spec.page_size)
+    if pages < 1:
+        raise ValueError(
+            f"the KV cache budget does not hold a single page of {spec.page_size} tokens; "
+            "raise --mem-fraction-static or --max-total-tokens"
+        )
+    return pages + 1
