@@ -224,3 +224,18 @@ def test_10_fp8_layouts_and_weight_scale():
     assert s.shape == (5, 2)
     torch.testing.assert_close(weight_dequant(q, s), w, atol=0.07 * w.abs().max().item(), rtol=0.07)
     torch.testing.assert_close(weight_dequant(q, s * 2), 2 * weight_dequant(q, s))
+
+
+def test_dequantized_weight_cache_follows_in_place_updates():
+    """The reference linear keeps dequantized FP8 weights; an in-place reload must invalidate the copy."""
+    from dsv.ops.linear import linear
+
+    q, s = weight_quant(torch.randn(64, 256))
+    x = torch.randn(3, 256)
+    before = linear(x, q, s)
+    q2, s2 = weight_quant(torch.randn(64, 256))
+    q.copy_(q2)
+    s.copy_(s2)
+    after = linear(x, q, s)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, linear(x, q2, s2))

@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+import os
+import weakref
+
 import torch
 
 from dsv.ops.quant import quant_roundtrip, weight_dequant
+
+# Dequantized copies of FP8 weights, so the reference does not dequantize every weight on every call
+# (that alone was ~40% of a CPU decode step). Keyed by the weight object (checked through a weak reference, so a
+# freed weight's address can never alias) and its version counter (in-place updates invalidate the copy).
+# Bounded: past DSV_DEQUANT_CACHE_MB (default 1024) weights are dequantized per call again.
+_CACHE: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+_CACHE_LIMIT = int(os.environ.get("DSV_DEQUANT_CACHE_MB", "1024")) << 20
+_cache_bytes = 0
+
+
+def _forget(key: int, nbytes: int) -> None:
+    global _cache_bytes
+    if _CACHE.pop(key, None) is not None:
+        _cache_bytes -= nbytes
+
+
+def _dequantized(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    global _cache_bytes
+    key = id(weight)
+    version = weight._version + scale_inv._version
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == version:
+        return hit[2]
+    w = weight_dequant(weight, scale_inv, block, torch.float32)
+    nbytes = w.numel() * w.element_size()
+    if hit is not None:
+        _forget(key, hit[2].numel() * hit[2].element_size())
+    if _cache_bytes + nbytes <= _CACHE_LIMIT:
+        _CACHE[key] = (weakref.ref(weight, lambda _, k=key, n=nbytes: _forget(k, n)), version, w)
+        _cache_bytes += nbytes
+    return w
 
 
 def linear(
@@ -23,5 +57,4 @@ def linear(
     if scale_inv is None:
         return torch.nn.functional.linear(x, weight.to(x.dtype))
     xq = quant_roundtrip(x, block[1], act_scale_fmt).float()
-    w = weight_dequant(weight, scale_inv, block, torch.float32)
-    return torch.nn.functional.linear(xq, w).to(x.dtype)
+    return torch.nn.functional.linear(xq, _dequantized(weight, scale_inv, block)).to(x.dtype)
