@@ -9,6 +9,7 @@ import sys
 
 #: sub-command -> (module with ``add_arguments(parser)`` and ``run(args) -> int``, help)
 COMMANDS = {
+    "serve": ("dsv.server.cmd_serve", "OpenAI-compatible HTTP server (SGLang-style flags)"),
     "generate": ("dsv.server.cmd_generate", "generate text for one prompt (single-request loop)"),
     "backends": (
         "dsv.server.cmd_backends",
@@ -16,7 +17,7 @@ COMMANDS = {
     ),
     "bench": ("dsv.server.cmd_bench", "benchmarks: offline engine throughput, or a running server (serving)"),
     "eval": ("dsv.server.cmd_eval", "accuracy evals (gsm8k, gpqa) against a running server"),
-    # "conformance": ("dsv.testing.runner", "run the backend conformance suite and write a report"),
+    "conformance": ("dsv.testing.runner", "run the backend conformance suite and write a report"),
 }
 
 

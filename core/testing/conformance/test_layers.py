@@ -1,0 +1,9 @@
+"""Conformance, layers tier (one test per planned item; see :mod:`dsv.testing.conformance`)."""
+
+from dsv.testing.conformance.plugin import check_item
+
+TIER = "layers"
+
+
+def test_layers(conformance_item, conformance_runner):
+    check_item(conformance_item, conformance_runner)
