@@ -22,7 +22,7 @@ if python3 -c "import dsv.server.cmd_serve" 2>/dev/null; then
   pid=$!
   for _ in $(seq 60); do curl -sf localhost:30000/health > /dev/null && break; sleep 1; done
   run curl -s localhost:30000/v1/completions -H 'content-type: application/json' \
-    -d '{"model": "default", "prompt": "Hello", "max_tokens": 8}'
+    -d '{"model": "dsv-default", "prompt": "Hello", "max_tokens": 8}'
   run dsv bench serving --num-prompts 32 --random-input-len 128 --random-output-len 64 --output-file "$OUT/serving.json"
   kill -TERM $pid; wait $pid; echo "serve exit=$?" >> "$OUT/smoke.txt"
 fi
