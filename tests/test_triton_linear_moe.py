@@ -8,25 +8,13 @@ activations are rounded to bf16, a 2^-8 relative step).
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.triton_support import triton_test_device
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'dsv[triton]')")
-
-INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
-if INTERPRET and type(triton.language.standard.sum).__name__ == "JITFunction":
-    pytest.skip(
-        "triton was imported before TRITON_INTERPRET=1 was set in this process; "
-        "export TRITON_INTERPRET=1 or run the test_triton_* modules on their own",
-        allow_module_level=True,
-    )
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 needs a GPU", allow_module_level=True)
-DEVICE = "cpu" if INTERPRET else "cuda"
+DEVICE = triton_test_device()
+INTERPRET = DEVICE == "cpu"
 
 from dsv.kernels.triton.fp8_gemm import linear  # noqa: E402
 from dsv.kernels.triton.fused_moe import align_by_expert, fused_moe  # noqa: E402
