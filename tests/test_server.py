@@ -310,3 +310,53 @@ def test_sigterm_drains_and_exits_zero(server):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_bench_and_eval_clients_end_to_end(server, tmp_path):
+    """`dsv bench serving` and `dsv eval gsm8k|gpqa` against this live server on the embedded default model."""
+    import json
+
+    from dsv.server.cli import main
+
+    base = server[0]
+    common = ["--base-url", base, "--model", "dsv-test", "--api-key", API_KEY]
+    bench_out = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "bench",
+                "serving",
+                *common,
+                "--num-prompts",
+                "4",
+                "--random-input-len",
+                "16",
+                "--random-output-len",
+                "4",
+                "--output-file",
+                str(bench_out),
+                "--disable-tqdm",
+            ]
+        )
+        == 0
+    )
+    result = json.loads(bench_out.read_text())
+    assert result["metrics"]["completed"] == 4
+    assert (
+        main(
+            [
+                "eval",
+                "gsm8k",
+                *common,
+                "--num-questions",
+                "2",
+                "--num-shots",
+                "1",
+                "--max-tokens",
+                "8",
+                "--disable-tqdm",
+            ]
+        )
+        == 0
+    )
+    assert main(["eval", "gpqa", *common, "--num-examples", "2", "--max-tokens", "8", "--disable-tqdm"]) == 0
