@@ -200,7 +200,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         completion_tokens = 0
         return await sse_response(events(), stream)
 
-    out = (await collect(stream))[rid]
+    out = (await collect(stream, request))[rid]
     choices = []
     for c in out.outputs:
         parsed = parse_completion(c.text, reasoning)

@@ -101,7 +101,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
 
         return await sse_response(events(), stream)
 
-    out = (await collect(stream))[rid]
+    out = (await collect(stream, request))[rid]
     items = [
         {"text": c.text, "output_ids": c.token_ids, "meta_info": _meta(out, c, start)} for c in out.outputs
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -84,17 +86,40 @@ async def sse_response(events: AsyncIterator[dict[str, Any]], stream: RequestStr
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def collect(stream: RequestStream) -> dict[str, RequestOutput]:
-    """Merge every delta of the stream's requests (aborting them if interrupted)."""
+#: How often a non-streaming request checks whether its client is still connected.
+DISCONNECT_POLL_S = 0.25
+
+
+async def collect(stream: RequestStream, request: Request | None = None) -> dict[str, RequestOutput]:
+    """Merge every delta of the stream's requests (aborting them if interrupted).
+
+    With ``request``, the client's connection is watched while the requests run: a client that goes away
+    before a non-streaming answer is ready gets its requests aborted (and their KV pages freed) at once
+    instead of when the whole completion would have finished.
+    """
     merged: dict[str, RequestOutput] = {}
-    try:
+
+    async def merge_all() -> None:
         async for delta in stream:
             if delta.request_id in merged:
                 merged[delta.request_id].merge(delta)
             else:
                 merged[delta.request_id] = RequestOutput(delta.request_id, delta.prompt_token_ids, [])
                 merged[delta.request_id].merge(delta)
+
+    task = asyncio.ensure_future(merge_all())
+    try:
+        while request is not None and not task.done():
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                # Nobody will read the answer; 499 is nginx's "client closed request" for the access log.
+                raise APIError(499, "client disconnected; request aborted", "client_closed_request")
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     finally:
+        if not task.done():
+            task.cancel()
         await stream.aclose()
     return merged
 
@@ -231,7 +256,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
 
         return await sse_response(events(), stream)
 
-    results = await collect(stream)
+    results = await collect(stream, request)
     choices, completion_tokens, cached = [], 0, 0
     for req_id, out in results.items():
         cached += out.num_cached_tokens

@@ -191,6 +191,16 @@ def test_disconnect_aborts_and_frees_pages(server):
     )  # well before 400 tokens: the server saw the disconnect and aborted the request
 
 
+def test_non_streaming_disconnect_aborts_and_frees_pages(server):
+    client = server[1]
+    assert _pages_back(client)
+    body = {"prompt": "x" * 50, "max_tokens": 400, "ignore_eos": True}
+    with _http(server) as http, pytest.raises(httpx.TimeoutException):
+        # The client gives up long before 400 tokens can be generated on the CPU.
+        http.post("/v1/completions", json=body, timeout=1.0)
+    assert _pages_back(client, timeout=3.0)
+
+
 # ----- native endpoints -----
 def test_generate_native(server):
     with _http(server) as http:
