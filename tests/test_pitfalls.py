@@ -14,6 +14,7 @@ from dsv.ops.moe import moe_route
 from dsv.ops.norm import hadamard_rotate
 from dsv.ops.quant import act_quant, fp8_kv_bytes, weight_dequant, weight_quant
 from dsv.ops.rope import apply_rope_interleaved, apply_rope_neox, rope_cos_sin, rope_inv_freq
+from tests.test_config import ORIGINAL
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +25,9 @@ def tiny_model():
     return random_tiny_model(cfg), cfg
 
 
-V32_ROPE = RopeConfig(
-    theta=10000.0,
-    rope_type="yarn",
-    factor=40,
-    original_max_position_embeddings=4096,
-    beta_fast=32,
-    beta_slow=1,
-    mscale=1.0,
-    mscale_all_dim=1.0,
-)
+#: The official DeepSeek-V3.2-Exp config, parsed: its rope settings are what pitfall 6 is about.
+V32 = ModelConfig.from_dict(ORIGINAL)
+V32_ROPE = V32.rope
 
 
 def test_1_indexer_rope_is_half_split_and_mla_rope_is_interleaved():
@@ -129,26 +123,7 @@ def test_6_yarn_frequencies_and_softmax_scale():
     torch.testing.assert_close(inv, expected, rtol=1e-6, atol=0)
     assert inv[10] == pytest.approx(base[10].item(), rel=1e-6)  # low = 10 unchanged
     assert inv[23] == pytest.approx(base[23].item() / 40, rel=1e-6)  # high = 23 divided by 40
-    cfg = ModelConfig.from_dict(
-        {
-            "model_type": "deepseek_v32",
-            "hidden_size": 7168,
-            "num_hidden_layers": 61,
-            "num_attention_heads": 128,
-            "vocab_size": 129280,
-            "q_lora_rank": 1536,
-            "rope_scaling": {
-                "type": "yarn",
-                "factor": 40,
-                "original_max_position_embeddings": 4096,
-                "beta_fast": 32,
-                "beta_slow": 1,
-                "mscale": 1.0,
-                "mscale_all_dim": 1.0,
-            },
-        }
-    )
-    assert cfg.softmax_scale == pytest.approx(0.1352338, abs=1e-7)
+    assert V32.softmax_scale == pytest.approx(0.1352338, abs=1e-7)
 
 
 def test_7_router_bias_only_selects():
