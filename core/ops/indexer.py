@@ -22,12 +22,28 @@ def indexer_logits(
     """
     slots = sequence_slots(meta)  # [B, L]
     keys = cache.read(slots)  # [B, L, D] fp32
-    k_tok = keys[meta.token_seq]  # [T, L, D]
-    dots = torch.einsum("thd,tld->thl", q.float(), k_tok).clamp_min(0.0)
-    scores = torch.einsum("th,thl->tl", weights.float(), dots)
+    qf = q.float()
+    if meta.max_query_len == 1 and meta.num_tokens == meta.num_seqs:
+        # Decode: token b is sequence b's only query, so the keys need no per-token gather.
+        scores = _weighted_relu_scores(qf, weights, keys)
+    else:
+        # Scored per sequence: gathering [T, L, D] keys per token would cost T/B times the cache read.
+        scores = qf.new_full((q.shape[0], meta.max_seq_len), float("-inf"))
+        bounds = meta.query_start_loc.tolist()
+        for b in range(meta.num_seqs):
+            qs, qe = bounds[b], bounds[b + 1]
+            if qe > qs:
+                scores[qs:qe] = _weighted_relu_scores(qf[qs:qe], weights[qs:qe], keys[b])
     key_pos = torch.arange(meta.max_seq_len, device=q.device)
     visible = key_pos[None, :] <= meta.positions[:, None]
-    return scores.masked_fill(~visible, float("-inf"))
+    return scores.masked_fill_(~visible, float("-inf"))
+
+
+def _weighted_relu_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[T, L] = sum_h weights[t, h] * ReLU(q[t, h] · k[l]) for q [T, H, D] and keys [T, L, D] (per token) or
+    [L, D] (shared by every token: one GEMM)."""
+    dots = torch.matmul(q, keys.transpose(-1, -2)).clamp_min_(0.0)  # [T, H, L]
+    return torch.bmm(weights.float().unsqueeze(1), dots).squeeze(1)
 
 
 def topk_positions(scores: torch.Tensor, topk: int) -> torch.Tensor:

@@ -24,7 +24,8 @@ def _forget(key: int, nbytes: int) -> None:
         _cache_bytes -= nbytes
 
 
-def _dequantized(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def dequantized_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """fp32 copy of a block-FP8 weight [..., out, in], cached while the weight lives and is unchanged."""
     global _cache_bytes
     key = id(weight)
     version = weight._version + scale_inv._version
@@ -57,4 +58,4 @@ def linear(
     if scale_inv is None:
         return torch.nn.functional.linear(x, weight.to(x.dtype))
     xq = quant_roundtrip(x, block[1], act_scale_fmt).float()
-    return torch.nn.functional.linear(xq, _dequantized(weight, scale_inv, block)).to(x.dtype)
+    return torch.nn.functional.linear(xq, dequantized_weight(weight, scale_inv, block)).to(x.dtype)
