@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dsv.ops.kv_cache import IndexKCacheLayer
-from dsv.ops.metadata import AttentionMetadata, sequence_slots
+from dsv.ops.metadata import AttentionMetadata
 
 
 def indexer_logits(
@@ -20,8 +20,7 @@ def indexer_logits(
         q: [T, H, D] indexer queries (fp32/bf16, already FP8-rounded when the cache is quantized).
         weights: [T, H] fp32 head weights including n_heads^-0.5 and head_dim^-0.5.
     """
-    slots = sequence_slots(meta)  # [B, L]
-    keys = cache.read(slots)  # [B, L, D] fp32
+    keys = cache.read_sequences(meta.block_table, meta.max_seq_len)  # [B, L, D] fp32
     qf = q.float()
     if meta.max_query_len == 1 and meta.num_tokens == meta.num_seqs:
         # Decode: token b is sequence b's only query, so the keys need no per-token gather.

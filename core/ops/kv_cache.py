@@ -129,3 +129,17 @@ class IndexKCacheLayer:
         if self.quantized:
             return act_dequant(self.keys[page, off], self.scales[page, off].unsqueeze(-1), self.head_dim)
         return self.keys[page, off].float()
+
+    def read_sequences(self, block_table: torch.Tensor, length: int) -> torch.Tensor:
+        """Dequantized keys [B, length, D] fp32 of positions 0..length-1 of every sequence of ``block_table``.
+
+        The same values as :meth:`read` of the sequences' slots, gathered a page at a time (a page's keys
+        are contiguous), which is much cheaper than one index per token.
+        """
+        pages = block_table[:, : -(-length // self.page_size)].long()
+        b = pages.shape[0]
+        keys = self.keys[pages].reshape(b, -1, self.head_dim)[:, :length]
+        if not self.quantized:
+            return keys.float()
+        scales = self.scales[pages].reshape(b, -1)[:, :length]
+        return keys.float() * scales.unsqueeze(-1)
