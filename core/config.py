@@ -18,6 +18,30 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("deepseek_v32",)
 
 
+#: DeepSeek-V3.2's ``quantization_config``: e4m3 weights in 128x128 blocks, activations quantized per 1x128
+#: group at run time with power-of-two (ue8m0) scales. Copy it before changing it.
+FP8_QUANTIZATION_CONFIG: dict[str, Any] = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+    "scale_fmt": "ue8m0",
+}
+
+
+def yarn_rope_scaling(factor: float, original_max_position_embeddings: int) -> dict[str, Any]:
+    """A V3.2-style YaRN ``rope_scaling`` entry (beta 32/1, mscale 1) for a config dict."""
+    return {
+        "type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": original_max_position_embeddings,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
+
+
 class ConfigError(ValueError):
     """A config.json that dsv cannot serve, with the reason."""
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from dsv.config import ModelConfig
+from dsv.config import FP8_QUANTIZATION_CONFIG, ModelConfig, yarn_rope_scaling
 from dsv.model.deepseek_v32 import DeepseekV32ForCausalLM
 from dsv.ops.quant import weight_quant
 
@@ -35,18 +35,10 @@ TINY_CONFIG: dict[str, Any] = {
     "index_topk": 8,
     "num_nextn_predict_layers": 1,
     "max_position_embeddings": 256,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 4.0,
-        "original_max_position_embeddings": 64,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
+    "rope_scaling": yarn_rope_scaling(4.0, 64),
 }
 
-FP8_QUANT = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}
+FP8_QUANT = dict(FP8_QUANTIZATION_CONFIG)
 
 
 def tiny_config(fp8: bool = False, **overrides: Any) -> ModelConfig:

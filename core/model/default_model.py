@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from dsv.config import ModelConfig
+from dsv.config import FP8_QUANTIZATION_CONFIG, ModelConfig, yarn_rope_scaling
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,7 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "num_nextn_predict_layers": 1,
     "max_position_embeddings": 4096,
     "rope_theta": 10000,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 4,
-        "original_max_position_embeddings": 1024,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
+    "rope_scaling": yarn_rope_scaling(4, 1024),
     "rms_norm_eps": 1e-6,
     "hidden_act": "silu",
     "attention_bias": False,
@@ -78,13 +70,7 @@ DEFAULT_MODEL_CONFIG: dict[str, Any] = {
     "eos_token_id": 1,
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
-    "quantization_config": {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": [128, 128],
-        "scale_fmt": "ue8m0",
-    },
+    "quantization_config": dict(FP8_QUANTIZATION_CONFIG),
 }
 
 GENERATION_CONFIG: dict[str, Any] = {

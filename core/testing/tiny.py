@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsv.config import ModelConfig
+from dsv.config import FP8_QUANTIZATION_CONFIG, ModelConfig, yarn_rope_scaling
 from dsv.ops.quant import weight_quant
 
 TINY_V32: dict[str, Any] = {
@@ -52,26 +52,12 @@ TINY_V32: dict[str, Any] = {
     "num_nextn_predict_layers": 1,
     "max_position_embeddings": 4096,
     "rope_theta": 10000,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 40,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
+    "rope_scaling": yarn_rope_scaling(40, 4096),
     "rms_norm_eps": 1e-6,
     "bos_token_id": 0,
     "eos_token_id": 1,
     "torch_dtype": "bfloat16",
-    "quantization_config": {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": [128, 128],
-        "scale_fmt": "ue8m0",
-    },
+    "quantization_config": dict(FP8_QUANTIZATION_CONFIG),
 }
 
 
