@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from dsv.engine.config import EngineConfig
-from dsv.engine.llm_engine import LLMEngine
+from dsv.engine.llm_engine import LLMEngine, cache_config
 from dsv.engine.outputs import RequestOutput
 from dsv.engine.sampling import SamplingParams
 from dsv.model.deepseek_v32 import DeepseekV32ForCausalLM
@@ -31,7 +31,8 @@ class LLM:
         dtype: "auto" (the checkpoint's), "bfloat16" or "float32".
         tokenizer: a :class:`dsv.tokenizer.Tokenizer` for an in-memory model (loaded from the folder otherwise).
         **engine_args: :class:`~dsv.engine.config.EngineConfig` fields (page_size, kv_cache_dtype,
-            max_total_tokens, chunked_prefill_size, max_running_requests, enable_prefix_caching, ...).
+            max_total_tokens, chunked_prefill_size, max_running_requests, enable_prefix_caching,
+            disable_cuda_graph, cuda_graph_max_bs, cuda_graph_bs, ...).
     """
 
     def __init__(
@@ -49,10 +50,11 @@ class LLM:
             backend = select_backend(device)
             self.engine = LLMEngine(
                 model,
-                backend.ops(config.kernel_choices()),
+                backend.ops(config.kernel_choices(), cache_config(config, model.dtype)),
                 config,
                 tokenizer,
                 backend.capabilities().torch_device,
+                backend,
             )
         else:
             self.engine = LLMEngine.from_pretrained(model, device, dtype, config)

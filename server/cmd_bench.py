@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     off.add_argument("--dataset-seed", type=int, default=0, help="seed of the random prompts")
     off.add_argument("--warmup", type=int, default=1, help="warm-up rounds (same shapes, not timed)")
     off.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    off.add_argument("--save-outputs", default=None, help="write every prompt's output token ids (JSON) here")
     from dsv.engine.config import add_engine_arguments
     from dsv.server.bench_serving import add_serving_arguments
 
@@ -65,9 +66,14 @@ def run(args: argparse.Namespace) -> int:
         llm.generate(prompt_token_ids=warm, sampling_params=SamplingParams(temperature=0, max_tokens=2))
     llm.reset_prefix_cache()
     prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.dataset_seed)
+    runner = llm.engine.runner
+    steps_before = dict(runner.steps)
     start = time.perf_counter()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
     elapsed = time.perf_counter() - start
+    if args.save_outputs:
+        with open(args.save_outputs, "w") as f:
+            json.dump([o.outputs[0].token_ids for o in outs], f)
     n_in = sum(len(p) for p in prompts)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     result = {
@@ -83,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(llm.engine.model.dtype).removeprefix("torch."),
         "kv_cache_dtype": config.kv_cache_dtype,
         "page_size": config.page_size,
+        # Forwards of the timed run: pure decode steps through the decode runner (graphs) vs eager ones.
+        "steps": {k: v - steps_before[k] for k, v in runner.steps.items()},
+        "decode_graphs": llm.engine.decode_runner.describe() if llm.engine.decode_runner else None,
     }
     if args.json:
         print(json.dumps(result))

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--indexer-quant", choices=["fp8", "none"], default="fp8")
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    from dsv.engine.config import add_graph_arguments
+
+    add_graph_arguments(p)
 
 
 def parse_ids(text: str) -> list[int]:
@@ -44,6 +47,7 @@ def parse_ids(text: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from dsv.backend.registry import select_backend
+    from dsv.engine.graphs import GraphSettings
     from dsv.engine.kv_pool import CacheSpec
     from dsv.engine.sampling import SamplingParams
     from dsv.engine.single import SingleRequestGenerator
@@ -68,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
     }
     ops = backend.ops(None, cache_config)
-    gen = SingleRequestGenerator(model, ops, spec, len(ids) + args.max_new_tokens, device)
+    graphs = GraphSettings.from_flags(args.disable_cuda_graph, args.cuda_graph_max_bs, args.cuda_graph_bs)
+    gen = SingleRequestGenerator(model, ops, spec, len(ids) + args.max_new_tokens, device, backend, graphs)
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,

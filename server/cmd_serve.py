@@ -93,6 +93,7 @@ def unsupported(args: argparse.Namespace) -> list[str]:
 
 def build_server(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     """Load the engine and build the app; raises SystemExit with a clear message on a bad setup."""
+    from dsv.backend.interface import KernelUnavailable
     from dsv.backend.registry import BackendError
     from dsv.engine.llm_engine import LLMEngine
     from dsv.model.resolve import ModelNotFound
@@ -108,7 +109,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
         engine = LLMEngine.from_pretrained(args.model, args.device, args.dtype, config)
     except BackendError as exc:
         raise SystemExit(f"dsv serve: --device {args.device or '(auto)'}: {exc}") from exc
-    except (ModelNotFound, ValueError) as exc:
+    except (ModelNotFound, ValueError, KernelUnavailable) as exc:
         raise SystemExit(f"dsv serve: {exc}") from exc
     if args.tokenizer:
         path = Path(args.tokenizer)

@@ -27,12 +27,14 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32):
     return random_tiny_model(tiny_config(kv_lora_rank=128), dtype=dtype, seed=seed)
 
 
-def make_engine(model=None, tokenizer=None, **config) -> LLMEngine:
-    """An engine on the reference backend; registered for the leak check that runs after each test."""
+def make_engine(model=None, tokenizer=None, backend=None, **config) -> LLMEngine:
+    """An engine on the reference backend (or ``backend``, e.g. one with decode graphs); registered for the
+    leak check that runs after each test."""
     config.setdefault("max_total_tokens", 4096)
     config.setdefault("page_size", 4)
     config.setdefault("log_stats", False)
-    engine = LLMEngine(model or tiny_model(), ReferenceBackend().ops(), EngineConfig(**config), tokenizer)
+    ops = (backend or ReferenceBackend()).ops()
+    engine = LLMEngine(model or tiny_model(), ops, EngineConfig(**config), tokenizer, backend=backend)
     _ENGINES.append(engine)
     return engine
 

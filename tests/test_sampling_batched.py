@@ -147,3 +147,21 @@ def test_low_precision_greedy_head_is_the_fp32_argmax():
     hidden[:16] = w[3].expand(16, -1)
     want = model.logits(hidden).argmax(-1)
     assert torch.equal(runner.greedy_tokens(hidden), want)
+
+
+@pytest.mark.parametrize("tied", [2, 40])
+def test_exact_greedy_with_few_and_many_near_ties(tied):
+    """Near ties inside the top-k pass and more near ties than it holds (the full-scan branch) both give
+    the fp32 argmax, lowest id first on exact ties."""
+    from dsv.engine.greedy import exact_greedy
+
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(500, 64, generator=g) * 0.1).to(torch.bfloat16)
+    w[100 : 100 + tied] = w[50]  # exact ties with token 50 for any hidden state
+    w[300] = w[50]
+    w[300, 0] += 2**-6 * w[50, 0].abs().clamp_min(1e-2)  # a near tie bf16 logits cannot resolve
+    hidden = (torch.randn(16, 64, generator=g)).to(torch.bfloat16)
+    hidden[:8] = w[50]
+    want = (hidden.float() @ w.float().T).argmax(-1)
+    assert torch.equal(exact_greedy(hidden, w), want)
+    assert (want[:8] == 50).sum() + (want[:8] == 300).sum() == 8

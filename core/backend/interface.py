@@ -10,11 +10,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+if TYPE_CHECKING:
+    from dsv.ops.metadata import AttentionMetadata
+
 #: Bumped whenever an operation's signature or semantics change. A backend built for another version is refused.
+#: Optional additions with a default in :class:`Backend` (``decode_runner``) or :class:`Kernel` (``capturable``)
+#: keep version 1: a backend written before them still works (eager decode, kernels assumed capturable).
 BACKEND_API_VERSION = 1
 
 #: Every operation of the contract, with its reference implementation in ``dsv.backend.reference``.
@@ -31,6 +36,18 @@ OPS: tuple[str, ...] = (
     "index_k_write",  # indexer key write (fp8 + scale, or unquantized)
     "moe_route",  # sigmoid grouped top-k routing
     "fused_moe",  # routed experts (grouped GEMM + SwiGLU)
+)
+
+#: The operations a pure decode forward (one query token per sequence) calls: what a decode CUDA graph captures.
+DECODE_OPS: tuple[str, ...] = (
+    "linear",
+    "rms_norm",
+    "indexer_topk_decode",
+    "sparse_mla_decode",
+    "kv_write",
+    "index_k_write",
+    "moe_route",
+    "fused_moe",
 )
 
 #: Operations chosen by the user by kernel name (``--nsa-prefill`` / ``--nsa-decode``).
@@ -63,7 +80,8 @@ class Kernel:
     """A named implementation of one operation.
 
     ``available`` is False (with ``reason``) when the kernel exists in the package but cannot run here,
-    e.g. a vendor library is not installed.
+    e.g. a vendor library is not installed. ``capturable`` is False when the kernel synchronizes with the
+    host (``.tolist()``, ``.item()``, ``nonzero``, data-dependent shapes), so a CUDA/HIP graph cannot capture it.
     """
 
     op: str
@@ -72,6 +90,7 @@ class Kernel:
     available: bool = True
     reason: str = ""
     description: str = ""
+    capturable: bool = True
 
 
 @dataclass
@@ -86,6 +105,48 @@ class Capabilities:
     page_sizes: tuple[int, ...] | None  # None = any page size
     graph_capture: bool
     kernels: dict[str, list[Kernel]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DecodeGraphConfig:
+    """What a backend needs to capture decode graphs (built by the engine once the KV pool exists).
+
+    Attributes:
+        max_batch_size: most sequences one captured decode step holds (larger steps run eagerly).
+        max_seq_len: the longest context any sequence may reach; frozen into the graphs.
+        page_size: KV page size of the pool.
+        pad_slot: a KV slot no sequence ever owns; padding rows write there.
+        batch_sizes: sizes to capture (None: the backend's default ladder up to ``max_batch_size``).
+        cache_config: ``validate()``-style keys (kv_cache_dtype, page_size, indexer_quant, dtype) for kernel
+            requirements.
+        kernel_choices: the user's explicit op -> kernel choices; a backend may replace a non-capturable
+            default kernel for decode, never an explicit choice.
+    """
+
+    max_batch_size: int
+    max_seq_len: int
+    page_size: int
+    pad_slot: int
+    batch_sizes: tuple[int, ...] | None = None
+    cache_config: dict[str, Any] = field(default_factory=dict)
+    kernel_choices: dict[str, str] = field(default_factory=dict)
+
+
+#: ``forward(input_ids [T], meta, ops) -> hidden [T, D]``: the model forward over the engine's KV caches.
+DecodeForward = Callable[[torch.Tensor, "AttentionMetadata", "OpTable"], torch.Tensor]
+
+
+class DecodeRunner(Protocol):
+    """A captured decode forward: ``runner(input_ids, meta)`` returns hidden states [num_seqs, D].
+
+    The result may be a view of a static buffer that the next call overwrites: consume it first.
+    """
+
+    def __call__(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor: ...
+
+    def describe(self) -> str:
+        """One line for the start-up log (captured sizes, kernels replaced for capture)."""
+        ...
 
 
 class KernelUnavailable(RuntimeError):
@@ -153,6 +214,17 @@ class Backend(ABC):
         """
         wanted = {SELECTABLE_OPS.get(k, k): v for k, v in (choices or {}).items() if v}
         return OpTable({op: self.kernel(op, wanted.get(op)) for op in OPS})
+
+    def decode_runner(
+        self, forward: DecodeForward, ops: OpTable, config: DecodeGraphConfig
+    ) -> DecodeRunner | None:
+        """Capture ``forward`` for decode batches (CUDA/HIP graphs) and return the runner, or None when this
+        backend has no graphs (the base: every step runs eagerly).
+
+        Called once at engine start, after the KV pool is allocated. A backend that cannot capture with the
+        chosen kernels raises :class:`KernelUnavailable` naming the kernel and ``--disable-cuda-graph``.
+        """
+        return None
 
 
 class OpTable:

@@ -41,9 +41,23 @@ REFERENCE_OPS = {
 }
 
 
+#: Reference ops that synchronize with the host, so a CUDA/HIP graph cannot capture them (the others can).
+HOST_SYNC_OPS = {
+    "fused_moe": "torch.bincount(...).tolist() sizes the per-expert GEMMs",
+    "mha_prefill": "cu_seqlens .tolist()",
+    "indexer_topk_prefill": "query_start_loc .tolist() (prefill branch)",
+}
+
+
 def reference_kernel(op: str, name: str = "torch", note: str = "") -> Kernel:
     """The reference implementation of ``op`` as a :class:`Kernel` (backends use it as their fallback)."""
-    return Kernel(op=op, name=name, fn=REFERENCE_OPS[op], description=note or "plain torch reference")
+    return Kernel(
+        op=op,
+        name=name,
+        fn=REFERENCE_OPS[op],
+        description=note or "plain torch reference",
+        capturable=op not in HOST_SYNC_OPS,
+    )
 
 
 def probe() -> ProbeResult:

@@ -1,7 +1,8 @@
 """Engine settings (the serving flags shared by ``dsv serve``, ``dsv bench`` and :class:`dsv.LLM`).
 
 Flag names follow SGLang: ``--page-size``, ``--kv-cache-dtype``, ``--max-total-tokens``,
-``--mem-fraction-static``, ``--chunked-prefill-size``, ``--max-running-requests``, ``--disable-radix-cache``.
+``--mem-fraction-static``, ``--chunked-prefill-size``, ``--max-running-requests``, ``--disable-radix-cache``,
+``--disable-cuda-graph``, ``--cuda-graph-max-bs``, ``--cuda-graph-bs``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from dsv.engine.graphs import GraphSettings
 from dsv.ops.kv_cache import KV_DTYPES
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
@@ -35,7 +37,10 @@ class EngineConfig:
         seed: seed of the sampler's generator for requests without their own seed.
         nsa_prefill / nsa_decode: kernel names for sparse MLA (``None``: the backend's first choice).
         max_model_len: longest prompt + output (default: the model's max_position_embeddings and the KV capacity).
-        log_stats: print the KV cache summary at start.
+        log_stats: print the KV cache summary (and the captured decode graphs) at start.
+        disable_cuda_graph: decode eagerly (backends with graphs, e.g. cuda, capture pure decode steps).
+        cuda_graph_max_bs: largest decode batch captured (default: max_running_requests).
+        cuda_graph_bs: exact decode batch sizes to capture (default: the backend's ladder up to the max).
     """
 
     page_size: int = 64
@@ -52,6 +57,9 @@ class EngineConfig:
     nsa_decode: str | None = None
     max_model_len: int | None = None
     log_stats: bool = True
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int | None = None
+    cuda_graph_bs: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -66,6 +74,11 @@ class EngineConfig:
             raise ValueError(f"--max-total-tokens must hold at least one page ({self.page_size} tokens)")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
             raise ValueError(f"--mem-fraction-static must be in (0, 1], got {self.mem_fraction_static}")
+        self.graph_settings()  # validates the graph flags
+
+    def graph_settings(self) -> GraphSettings:
+        """The decode-graph flags."""
+        return GraphSettings.from_flags(self.disable_cuda_graph, self.cuda_graph_max_bs, self.cuda_graph_bs)
 
     def kernel_choices(self) -> dict[str, str]:
         """``--nsa-*`` choices as the backend's op -> kernel map."""
@@ -97,6 +110,21 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsa-prefill", default=None, help="sparse MLA prefill kernel name")
     p.add_argument("--nsa-decode", default=None, help="sparse MLA decode kernel name")
     p.add_argument("--seed", type=int, default=0, help="sampler seed for requests without one")
+    add_graph_arguments(p)
+
+
+def add_graph_arguments(p: argparse.ArgumentParser) -> None:
+    """The decode-graph flags (SGLang's spellings); ignored by backends without graphs (cpu)."""
+    p.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly")
+    p.add_argument(
+        "--cuda-graph-max-bs",
+        type=int,
+        default=None,
+        help="largest decode batch to capture (default: max running)",
+    )
+    p.add_argument(
+        "--cuda-graph-bs", type=int, nargs="+", default=None, help="explicit decode batch sizes to capture"
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from dsv.backend.interface import OpTable
+from dsv.backend.interface import Backend, OpTable
 from dsv.engine.block_manager import BlockManager
 from dsv.engine.config import EngineConfig, available_memory
 from dsv.engine.detokenize import TextStream
+from dsv.engine.graphs import build_decode_runner
 from dsv.engine.kv_pool import CacheSpec, KVPool, plan_num_pages
 from dsv.engine.model_runner import ModelRunner
 from dsv.engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -66,7 +67,12 @@ class _Parent:
 
 
 class LLMEngine:
-    """Continuous-batching engine over one model replica."""
+    """Continuous-batching engine over one model replica.
+
+    ``backend`` (the one ``ops`` came from) is asked once, after the KV pool is allocated, to capture the
+    decode forward (:meth:`Backend.decode_runner`, e.g. CUDA graphs); None, ``--disable-cuda-graph`` or a
+    backend without graphs means every step runs eagerly.
+    """
 
     def __init__(
         self,
@@ -75,6 +81,7 @@ class LLMEngine:
         config: EngineConfig | None = None,
         tokenizer: Any = None,
         device: torch.device | str = "cpu",
+        backend: Backend | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
         self.model = model
@@ -97,8 +104,20 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.chunked_prefill_size, config.max_running_requests
         )
-        self.runner = ModelRunner(model, ops, self.pool, self.device, config.seed)
         self.max_model_len = min(limit, self.pool.capacity_tokens)
+        self.decode_runner = build_decode_runner(
+            backend,
+            model,
+            self.pool,
+            ops,
+            config.graph_settings(),
+            # A decode step holds at most max_running sequences and at most one token budget of them.
+            max_batch_size=min(config.max_running_requests, config.chunked_prefill_size),
+            max_seq_len=self.max_model_len,
+            cache_config=self.cache_config(),
+            kernel_choices=config.kernel_choices(),
+        )
+        self.runner = ModelRunner(model, ops, self.pool, self.device, config.seed, self.decode_runner)
         self._commands: deque[tuple[str, Any]] = deque()
         self._wakeup = threading.Event()
         self._lock = threading.Lock()  # guards _live_ids, shared with client threads
@@ -109,6 +128,8 @@ class LLMEngine:
         self._generated_tokens = 0
         if config.log_stats:
             print(self.kv_summary(), file=sys.stderr)
+            if self.decode_runner is not None:
+                print(self.decode_runner.describe(), file=sys.stderr)
 
     @classmethod
     def from_pretrained(
@@ -142,9 +163,8 @@ class LLMEngine:
         path = resolve_model_path(model)
         torch_dtype = resolve_dtype(dtype, ModelConfig.from_file(path).dtype)
         loaded = load_model(path, torch_dtype, torch_device)
-        return cls(
-            loaded, backend.ops(config.kernel_choices()), config, Tokenizer.from_model_dir(path), torch_device
-        )
+        ops = backend.ops(config.kernel_choices(), cache_config(config, torch_dtype))
+        return cls(loaded, ops, config, Tokenizer.from_model_dir(path), torch_device, backend)
 
     # ----- client side (any thread) -----
     def add_request(
@@ -311,6 +331,10 @@ class LLMEngine:
             frac = 0.2 if self.device.type == "cpu" else 0.9
         return int(available_memory(self.device) * frac)
 
+    def cache_config(self) -> dict[str, Any]:
+        """The cache configuration as the backends' ``validate()`` / ``ops()`` keys."""
+        return cache_config(self.config, self.model.dtype)
+
     def kv_summary(self) -> str:
         """One line: how many tokens fit and what a token costs."""
         layer = self.pool.layers[0]
@@ -339,3 +363,13 @@ class LLMEngine:
             prompt_tokens_computed=self._prompt_tokens,
             generation_tokens=self._generated_tokens,
         )
+
+
+def cache_config(config: EngineConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """``validate()``-style keys of an engine configuration for a model computing in ``dtype``."""
+    return {
+        "kv_cache_dtype": config.kv_cache_dtype,
+        "page_size": config.page_size,
+        "indexer_quant": config.indexer_quant,
+        "dtype": dtype,
+    }

@@ -1,11 +1,16 @@
-"""Runs one scheduled batch: metadata, the model forward, the lm_head on the sampling rows, the sampler."""
+"""Runs one scheduled batch: metadata, the model forward, the lm_head on the sampling rows, the sampler.
+
+Pure decode steps (one token per sequence) go through the backend's decode runner when there is one (CUDA
+graphs); prefill and mixed steps run the model eagerly.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from dsv.backend.interface import OpTable
+from dsv.backend.interface import DecodeRunner, OpTable
 from dsv.engine.batch import SeqChunk, build_metadata
+from dsv.engine.greedy import exact_greedy
 from dsv.engine.kv_pool import KVPool
 from dsv.engine.request import Request
 from dsv.engine.sampler import Sampler, SampleRow, TopLogprobs
@@ -14,16 +19,15 @@ from dsv.model.deepseek_v32 import DeepseekV32ForCausalLM
 
 #: Keep an fp32 copy of the lm_head when it is at most this big (model.logits would upcast it every step).
 _HEAD_CACHE_BYTES = 1 << 30
-#: Relative error bound of the greedy fast path: a bf16/fp16 GEMM rounds its output once (unit roundoff
-#: 2^-8 for bf16), so two logits' errors add up to < 2^-7 of the largest magnitude; 2^-6 also covers the
-#: rounding of the threshold itself and the accumulation order.
-_LOWP_MARGIN = 2.0**-6
 
 SampleResult = tuple[int, TopLogprobs | None]
 
 
 class ModelRunner:
-    """Owns the KV pool and turns a :class:`SchedulerOutput` into one sampled token per finishing sequence."""
+    """Owns the KV pool and turns a :class:`SchedulerOutput` into one sampled token per finishing sequence.
+
+    ``decode``: the captured decode forward (:meth:`Backend.decode_runner`), used for pure decode steps.
+    """
 
     def __init__(
         self,
@@ -32,10 +36,13 @@ class ModelRunner:
         pool: KVPool,
         device: torch.device | str = "cpu",
         seed: int = 0,
+        decode: DecodeRunner | None = None,
     ) -> None:
         self.model = model
         self.ops = ops
         self.pool = pool
+        self.decode = decode
+        self.steps = {"decode_runner": 0, "eager": 0}
         self.device = torch.device(device)
         self.sampler = Sampler(model.cfg.vocab_size, self.device, seed)
         w = model.lm_head.weight
@@ -62,11 +69,17 @@ class ModelRunner:
                 sampling.append(k)
         meta = build_metadata(seq_chunks, self.pool.page_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, meta, self.pool.layers, self.ops)
+        if self.decode is not None and meta.is_decode and meta.num_tokens == meta.num_seqs:
+            # May be a view of a graph's static output: the row gather below copies it before the next step.
+            hidden = self.decode(input_ids, meta)
+            self.steps["decode_runner"] += 1
+        else:
+            hidden = self.model(input_ids, meta, self.pool.layers, self.ops)
+            self.steps["eager"] += 1
         results: list[SampleResult | None] = [None] * len(out.chunks)
         if not sampling:
             return results
-        hidden = hidden[torch.tensor(last_rows, device=self.device)]
+        hidden = hidden[torch.tensor(last_rows, device=self.device)]  # advanced indexing: a copy
         reqs = [out.chunks[k].request for k in sampling]
         fast = [j for j, r in enumerate(reqs) if self._lowp and _plain_greedy(r)]
         fast_set = set(fast)
@@ -89,25 +102,8 @@ class ModelRunner:
         return torch.nn.functional.linear(hidden.float(), self._head)
 
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
-        """argmax [N] of the fp32 logits of a bf16/fp16 model, at about a third of the fp32 GEMM's cost.
-
-        The head GEMM runs in the weight's dtype (exact products, fp32 accumulation, one rounding of the
-        output); every token within the rounding margin of the best one is a candidate, and the candidates'
-        fp32 logits (computed as model.logits does) decide. Ties go to the lowest id, as with argmax.
-        """
-        w = self._weight
-        approx = torch.nn.functional.linear(hidden.to(w.dtype), w)
-        top = approx.amax(dim=-1, keepdim=True).float()
-        scale = torch.maximum(top.abs(), approx.amin(dim=-1, keepdim=True).float().abs())
-        # Rounding the threshold to the weight dtype may raise it by one unit roundoff: the margin covers it.
-        threshold = (top - scale * _LOWP_MARGIN - 1e-6).to(w.dtype)
-        rows, cols = (approx >= threshold).nonzero(as_tuple=True)
-        exact = (hidden[rows].float() * w[cols].float()).sum(-1)
-        n = hidden.shape[0]
-        best = torch.full((n,), float("-inf"), device=hidden.device).scatter_reduce(0, rows, exact, "amax")
-        winner = exact == best[rows]
-        first = torch.full((n,), w.shape[0], dtype=torch.int64, device=hidden.device)
-        return first.scatter_reduce(0, rows[winner], cols[winner], "amin")
+        """argmax [N] of the fp32 logits of a bf16/fp16 model, at about the bf16 GEMM's cost (exact_greedy)."""
+        return exact_greedy(hidden, self._weight)
 
 
 def _plain_greedy(req: Request) -> bool:

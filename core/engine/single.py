@@ -6,15 +6,20 @@ from collections.abc import Iterator
 
 import torch
 
-from dsv.backend.interface import OpTable
+from dsv.backend.interface import Backend, OpTable
 from dsv.engine.batch import SeqChunk, build_metadata
+from dsv.engine.graphs import GraphSettings, build_decode_runner
 from dsv.engine.kv_pool import CacheSpec, KVPool
 from dsv.engine.sampling import SamplingParams, sample
 from dsv.model.deepseek_v32 import DeepseekV32ForCausalLM
 
 
 class SingleRequestGenerator:
-    """Prefills a prompt once, then decodes one token per forward, growing the page list as needed."""
+    """Prefills a prompt once, then decodes one token per forward, growing the page list as needed.
+
+    With ``backend`` and ``graphs`` (not disabled), decode steps run through the backend's captured decode
+    forward (batch size 1, context up to ``max_total_tokens``), as in the engine.
+    """
 
     def __init__(
         self,
@@ -23,6 +28,8 @@ class SingleRequestGenerator:
         spec: CacheSpec,
         max_total_tokens: int = 4096,
         device: str = "cpu",
+        backend: Backend | None = None,
+        graphs: GraphSettings | None = None,
     ) -> None:
         self.model = model
         self.ops = ops
@@ -30,6 +37,21 @@ class SingleRequestGenerator:
         self.device = device
         num_pages = -(-max_total_tokens // spec.page_size) + 1
         self.pool = KVPool(model.cfg, spec, num_pages, model.dtype, device)
+        self.decode = build_decode_runner(
+            backend,
+            model,
+            self.pool,
+            ops,
+            graphs or GraphSettings(disable=True),
+            max_batch_size=1,
+            max_seq_len=self.pool.capacity_tokens,
+            cache_config={
+                "kv_cache_dtype": spec.kv_cache_dtype,
+                "page_size": spec.page_size,
+                "indexer_quant": spec.indexer_quant,
+                "dtype": model.dtype,
+            },
+        )
 
     @torch.inference_mode()
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
@@ -55,7 +77,10 @@ class SingleRequestGenerator:
                     pages += self.pool.allocate(need)
                 meta = build_metadata([SeqChunk(start, len(new), pages)], self.spec.page_size, self.device)
                 ids = torch.tensor(new, dtype=torch.int64, device=self.device)
-                hidden = self.model(ids, meta, self.pool.layers, self.ops)
+                if self.decode is not None and len(new) == 1:
+                    hidden = self.decode(ids, meta)  # a static buffer: logits below are computed at once
+                else:
+                    hidden = self.model(ids, meta, self.pool.layers, self.ops)
                 token = sample(self.model.logits(hidden[-1:])[0].cpu(), params, gen)
                 yield token
                 if token in stops:

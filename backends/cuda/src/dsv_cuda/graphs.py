@@ -21,19 +21,21 @@ Constraints (why some forwards cannot be captured):
 - Padding rows write their KV to ``pad_slot`` (default 0: page 0, which ``KVPool`` never hands out).
 - The returned tensor is a view of the graph's static output: consume it before the next replay.
 
-``--disable-cuda-graph`` (``enabled=False``) runs every step eagerly.
+The engine builds the runner through ``CudaBackend.decode_runner`` (:func:`capture_decode`) when
+``--disable-cuda-graph`` is not given; ``enabled=False`` runs every step eagerly.
 """
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from dsv.backend.interface import DecodeGraphConfig, KernelUnavailable
 from dsv.ops.metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -184,26 +186,54 @@ class DecodeGraphRunner:
         )
         self.graphs: dict[int, _Graph] = {}
         self.stats = {"replayed": 0, "eager": 0}
+        self.capture_s = 0.0
+        self.note = ""  # extra words for describe(), e.g. kernels replaced for capture
         self._pool = None
         self._factory = graph_factory
 
     def capture(self) -> None:
-        """Capture every batch size, largest first (smaller graphs reuse its memory pool)."""
+        """Capture every batch size, largest first (smaller graphs reuse its memory pool).
+
+        Raises:
+            KernelUnavailable: a capture failed (typically a kernel that synchronizes with the host); the
+                message says to run with ``--disable-cuda-graph``.
+        """
         if not self.enabled:
             log.info("CUDA graphs disabled (--disable-cuda-graph): decode runs eagerly")
             return
+        start = time.perf_counter()
         with torch.inference_mode():
             for bs in reversed(self.sizes):
                 ids, meta = self.static.input_ids[:bs], self.static.meta(bs)
                 fn = lambda ids=ids, meta=meta: self.forward(ids, meta)  # noqa: E731
-                if self._factory is not None:
-                    replay, out = self._factory(fn, self.device)
-                else:
-                    if self._pool is None:
-                        self._pool = torch.cuda.graph_pool_handle()
-                    replay, out = cuda_graph(fn, self.device, self._pool)
+                try:
+                    if self._factory is not None:
+                        replay, out = self._factory(fn, self.device)
+                    else:
+                        if self._pool is None:
+                            self._pool = torch.cuda.graph_pool_handle()
+                        replay, out = cuda_graph(fn, self.device, self._pool)
+                except Exception as exc:
+                    first = (str(exc).strip().splitlines() or [""])[0]
+                    raise KernelUnavailable(
+                        f"capturing the decode forward for batch size {bs} failed "
+                        f"({type(exc).__name__}: {first}); "
+                        "a kernel of the decode path probably synchronizes with the host. "
+                        "Run with --disable-cuda-graph to decode eagerly"
+                    ) from exc
                 self.graphs[bs] = _Graph(replay, out)
-        log.info("captured decode graphs for batch sizes %s (max_seq_len %d)", self.sizes, self.max_seq_len)
+        self.capture_s = time.perf_counter() - start
+        log.info("%s", self.describe())
+
+    def describe(self) -> str:
+        """One line: what was captured (for the engine's start-up log)."""
+        if not self.graphs:
+            return "decode graphs: none captured (decode runs eagerly)"
+        note = f"; {self.note}" if self.note else ""
+        return (
+            f"decode graphs: captured batch sizes {self.sizes} (max context {self.max_seq_len}, "
+            f"pad slot {self.static.pad_slot}) in {self.capture_s:.1f} s{note}"
+        )
 
     def padded_size(self, bs: int) -> int | None:
         """The smallest captured batch size >= ``bs`` (None when ``bs`` is larger than all)."""
@@ -242,15 +272,24 @@ class DecodeGraphRunner:
         return graph.output[:bs]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The CLI switches for decode graphs (for ``dsv serve`` / ``generate`` with ``--device cuda``)."""
-    parser.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly")
-    parser.add_argument(
-        "--cuda-graph-max-bs",
-        type=int,
-        default=None,
-        help="largest decode batch to capture (default: max running)",
+def capture_decode(
+    forward: ForwardFn,
+    config: DecodeGraphConfig,
+    device: str | torch.device,
+    graph_factory: GraphFactory | None = None,
+    note: str = "",
+) -> DecodeGraphRunner:
+    """A :class:`DecodeGraphRunner` for the engine's :class:`DecodeGraphConfig`, already captured."""
+    runner = DecodeGraphRunner(
+        forward,
+        max_batch_size=config.max_batch_size,
+        max_seq_len=config.max_seq_len,
+        page_size=config.page_size,
+        device=device,
+        batch_sizes=config.batch_sizes,
+        pad_slot=config.pad_slot,
+        graph_factory=graph_factory,
     )
-    parser.add_argument(
-        "--cuda-graph-bs", type=int, nargs="+", default=None, help="explicit decode batch sizes to capture"
-    )
+    runner.note = note
+    runner.capture()
+    return runner
