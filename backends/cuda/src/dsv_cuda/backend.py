@@ -13,13 +13,17 @@ from dsv.backend.interface import (
     SELECTABLE_OPS,
     Backend,
     Capabilities,
+    DecodeForward,
+    DecodeGraphConfig,
+    DecodeRunner,
     Kernel,
     KernelUnavailable,
     OpTable,
 )
+from dsv_cuda.capture import decode_op_table, mark_capturable
 from dsv_cuda.kernels import build_kernels
 from dsv_cuda.libraries import device_arch
-from dsv_cuda.requirements import KernelConfig, unmet
+from dsv_cuda.requirements import OPT_IN, KernelConfig, unmet
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ class CudaBackend(Backend):
                 kv_layouts=("float", "fp8"),
                 page_sizes=None,  # any; flashmla_decode and the deep_gemm paged indexer need 64 (see validate)
                 graph_capture=True,
-                kernels=build_kernels(self.arch),
+                kernels=mark_capturable(build_kernels(self.arch)),
             )
         return self._caps
 
@@ -82,12 +86,19 @@ class CudaBackend(Backend):
         )
         return {op: self._default_for(op, cfg).name for op in OPS}
 
+    def kernel(self, op: str, name: str | None = None) -> Kernel:
+        """The kernel ``name`` for ``op``; without a name, the default for a bf16 model and cache (what
+        ``dsv backends`` marks), which skips opt-in kernels as :meth:`ops` does."""
+        if name is None and op in OPS:
+            return self._default_for(op, KernelConfig())
+        return super().kernel(op, name)
+
     def _default_for(self, op: str, cfg: KernelConfig) -> Kernel:
         usable = [k for k in self.capabilities().kernels.get(op, []) if k.available]
         if not usable:
             raise KernelUnavailable(f"{self.name}: no available kernel for {op}")
         for k in usable:
-            if not unmet(op, k.name, cfg):
+            if (op, k.name) not in OPT_IN and not unmet(op, k.name, cfg):
                 return k
         return usable[-1]  # the torch reference has no requirements; reached only with a custom table
 
@@ -115,6 +126,28 @@ class CudaBackend(Backend):
         )
         return OpTable(kernels)
 
+    # ----- decode graphs -----
+
+    def decode_runner(
+        self, forward: DecodeForward, ops: OpTable, config: DecodeGraphConfig
+    ) -> DecodeRunner | None:
+        """Capture the decode forward as CUDA graphs (one per batch size) and return the runner.
+
+        Decode is captured with ``ops`` except where a default kernel synchronizes with the host: that op
+        gets the first capturable kernel serving the cache configuration (logged, and named in
+        ``describe()``); a non-capturable kernel the user chose explicitly is refused, naming
+        ``--disable-cuda-graph``. Prefill keeps ``ops``.
+        """
+        from dsv_cuda.graphs import capture_decode
+
+        decode_ops, replaced = decode_op_table(
+            ops, self.capabilities().kernels, config.cache_config, config.kernel_choices
+        )
+        note = ", ".join(f"{op} {old} -> {new} (capturable)" for op, (old, new) in replaced.items())
+        return capture_decode(
+            lambda ids, meta: forward(ids, meta, decode_ops), config, self.device, note=note
+        )
+
     # ----- validation -----
 
     def validate(self, config: dict[str, Any]) -> list[str]:
@@ -125,5 +158,15 @@ class CudaBackend(Backend):
         for flag, op in SELECTABLE_OPS.items():
             wanted = config.get(flag)
             if wanted:
+                reasons += [f"{self.name}: {r}" for r in unmet(op, wanted, cfg)]
+        # Other operations chosen by kernel name under their op key (e.g. {"fused_moe": "grouped_mm"}).
+        for op in OPS:
+            wanted = config.get(op)
+            if wanted and op not in SELECTABLE_OPS.values():
+                try:
+                    self.kernel(op, wanted)
+                except KernelUnavailable as exc:
+                    reasons.append(str(exc))
+                    continue
                 reasons += [f"{self.name}: {r}" for r in unmet(op, wanted, cfg)]
         return reasons

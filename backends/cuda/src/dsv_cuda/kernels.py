@@ -12,17 +12,18 @@ from typing import Any
 
 from dsv.backend.interface import OPS, Kernel
 from dsv.backend.reference import reference_kernel
-from dsv_cuda.adapters import deepgemm, fa3, flashmla, scaled_mm
+from dsv_cuda import tilelang as tilelang_kernels
+from dsv_cuda.adapters import deepgemm, fa3, flashmla, grouped_mm, scaled_mm
 from dsv_cuda.libraries import (
     DEEP_GEMM,
     FA3,
     FLASH_MLA,
     library_status,
+    no_gpu_reason,
     scaled_mm_status,
     triton_kernels,
 )
-
-TILELANG_REASON = "dsv's TileLang kernels are not written yet"
+from dsv_cuda.tilelang import tilelang_status
 
 Status = tuple[bool, str]
 
@@ -32,8 +33,15 @@ def _kernel(op: str, name: str, fn: Callable[..., Any] | None, status: Status, d
     return Kernel(op=op, name=name, fn=fn, available=ok, reason="" if ok else reason, description=description)
 
 
-def _tilelang(op: str) -> Kernel:
-    return Kernel(op=op, name="tilelang", fn=None, available=False, reason=TILELANG_REASON)
+def _tilelang(op: str, status: Status) -> Kernel:
+    """dsv's TileLang kernel for ``op`` (bf16 KV); unavailable without tilelang or off sm_90."""
+    fns = {
+        "sparse_mla_prefill": tilelang_kernels.sparse_mla_prefill,
+        "sparse_mla_decode": tilelang_kernels.sparse_mla_decode,
+    }
+    return _kernel(
+        op, "tilelang", fns[op], status, "dsv TileLang sparse MLA, bf16 KV (compiled on first use)"
+    )
 
 
 def _triton(op: str, table: dict[str, Callable[..., Any]], status: Status) -> list[Kernel]:
@@ -53,6 +61,7 @@ def build_kernels(arch: tuple[int, int] | None) -> dict[str, list[Kernel]]:
     mla = library_status(FLASH_MLA, arch)
     fa = library_status(FA3, arch)
     dg = library_status(DEEP_GEMM, arch)
+    tl = tilelang_status(arch)
 
     vendor: dict[str, list[Kernel]] = {
         "linear": [
@@ -80,7 +89,7 @@ def build_kernels(arch: tuple[int, int] | None) -> dict[str, list[Kernel]]:
                 "sparse_mla_prefill", "flashmla_prefill", flashmla.sparse_prefill, mla, "FlashMLA sparse_fwd"
             ),
             _kernel("sparse_mla_prefill", "fa3", fa3.sparse_mla, fa, "FA3 with top-k page table, bf16 KV"),
-            _tilelang("sparse_mla_prefill"),
+            _tilelang("sparse_mla_prefill", tl),
         ],
         "sparse_mla_decode": [
             _kernel("sparse_mla_decode", "fa3", fa3.sparse_mla, fa, "FA3 with top-k page table, bf16 KV"),
@@ -91,11 +100,26 @@ def build_kernels(arch: tuple[int, int] | None) -> dict[str, list[Kernel]]:
                 mla,
                 "FlashMLA with_kvcache, FP8 KV, page 64",
             ),
-            _tilelang("sparse_mla_decode"),
+            _tilelang("sparse_mla_decode", tl),
         ],
         "mha_prefill": [_kernel("mha_prefill", "fa3", fa3.mha_prefill, fa, "FA3 flash_attn_varlen_func")],
         "fused_moe": [
             _kernel("fused_moe", "deep_gemm", deepgemm.fused_moe, dg, "DeepGEMM m_grouped contiguous"),
+            # Chosen by name only (requirements.OPT_IN): row-wise FP8 requantization changes the numerics.
+            _kernel(
+                "fused_moe",
+                "scaled_grouped_mm",
+                grouped_mm.fused_moe_fp8,
+                grouped_mm.status(arch, True, no_gpu_reason),
+                "torch._scaled_grouped_mm, FP8 row-wise (experts requantized once)",
+            ),
+            _kernel(
+                "fused_moe",
+                "grouped_mm",
+                grouped_mm.fused_moe_bf16,
+                grouped_mm.status(arch, False, no_gpu_reason),
+                "torch._grouped_mm, bf16 dequantized experts",
+            ),
         ],
     }
     kernels: dict[str, list[Kernel]] = {}

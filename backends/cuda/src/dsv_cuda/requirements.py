@@ -35,12 +35,14 @@ class KernelConfig:
         kv_dtype: element dtype of a float cache ("bfloat16", "float16", "float32").
         page_size: tokens per KV page, None when not decided yet.
         indexer_fp8: whether the indexer key cache is FP8 (132 bytes/token) or unquantized.
+        dtype: the model's activation dtype ("bfloat16", "float16", "float32").
     """
 
     layout: str = "float"
     kv_dtype: str = "bfloat16"
     page_size: int | None = None
     indexer_fp8: bool = True
+    dtype: str = "bfloat16"
 
     @classmethod
     def from_dict(cls, config: dict[str, Any] | None) -> KernelConfig:
@@ -55,6 +57,7 @@ class KernelConfig:
             kv_dtype=kv_dtype,
             page_size=int(page) if page is not None else None,
             indexer_fp8=str(config.get("indexer_quant") or "fp8") == "fp8",
+            dtype=_dtype_name(config.get("dtype")),
         )
 
 
@@ -66,6 +69,7 @@ class Requirement:
     half_kv: bool = False  # a float-layout cache must hold bf16/fp16
     page_size: int | None = None
     indexer_fp8: bool = False
+    bf16_model: bool = False  # the model's activations must be bf16
     hint: str = ""
 
 
@@ -81,11 +85,29 @@ REQUIREMENTS: dict[tuple[str, str], Requirement] = {
     ("sparse_mla_decode", "fa3"): Requirement(layout="float", half_kv=True, hint="FA3 reads a bf16 cache"),
     ("sparse_mla_prefill", "fa3"): Requirement(layout="float", half_kv=True, hint="FA3 reads a bf16 cache"),
     ("sparse_mla_prefill", "flashmla_prefill"): Requirement(half_kv=True, hint="FlashMLA prefill reads bf16"),
+    ("sparse_mla_decode", "tilelang"): Requirement(
+        layout="float", half_kv=True, hint="dsv's TileLang sparse MLA reads a bf16 cache"
+    ),
+    ("sparse_mla_prefill", "tilelang"): Requirement(
+        layout="float", half_kv=True, hint="dsv's TileLang sparse MLA reads a bf16 cache"
+    ),
     ("indexer_topk_prefill", "deep_gemm"): Requirement(indexer_fp8=True),
     ("indexer_topk_decode", "deep_gemm"): Requirement(
         indexer_fp8=True, page_size=64, hint="DeepGEMM's paged indexer reads 64-token blocks"
     ),
+    ("fused_moe", "scaled_grouped_mm"): Requirement(
+        bf16_model=True, hint="torch's grouped GEMMs take and return bf16"
+    ),
+    ("fused_moe", "grouped_mm"): Requirement(
+        bf16_model=True, hint="torch's grouped GEMMs take and return bf16"
+    ),
 }
+
+#: Kernels never picked by default, only by name: their numerics differ from the reference beyond its own
+#: FP8 rounding (row-wise requantized experts), or they are not measured against the default yet.
+OPT_IN: frozenset[tuple[str, str]] = frozenset(
+    {("fused_moe", "scaled_grouped_mm"), ("fused_moe", "grouped_mm")}
+)
 
 
 def unmet(op: str, kernel: str, cfg: KernelConfig) -> list[str]:
@@ -102,6 +124,8 @@ def unmet(op: str, kernel: str, cfg: KernelConfig) -> list[str]:
         why.append(f"{kernel} needs a bf16/fp16 KV cache, this one would hold {cfg.kv_dtype}")
     if req.page_size is not None and cfg.page_size is not None and cfg.page_size != req.page_size:
         why.append(f"{kernel} needs --page-size {req.page_size}, got {cfg.page_size}")
+    if req.bf16_model and cfg.dtype != "bfloat16":
+        why.append(f"{kernel} needs --dtype bfloat16, got {cfg.dtype}")
     if req.indexer_fp8 and not cfg.indexer_fp8:
         why.append(f"{kernel} needs the FP8 indexer cache (--indexer-quant fp8)")
     if why and req.hint:

@@ -1,0 +1,16 @@
+"""dsv's own TileLang kernels for the CUDA backend.
+
+Importing this package never imports ``tilelang``: :func:`tilelang_status` answers from the module lookup and
+the GPU's compute capability, and the kernels are compiled at their first call (per shape and tile config).
+
+Kernels:
+    sparse_mla: absorbed sparse MLA over top-k global slots (``sparse_mla_decode`` / ``sparse_mla_prefill``),
+        bf16/fp16 "float" KV layout; the FP8 656-byte layout is refused with the reason.
+"""
+
+from __future__ import annotations
+
+from dsv_cuda.tilelang.sparse_mla import sparse_mla_decode, sparse_mla_prefill
+from dsv_cuda.tilelang.status import tilelang_status
+
+__all__ = ["sparse_mla_decode", "sparse_mla_prefill", "tilelang_status"]

@@ -1,0 +1,254 @@
+"""dsv's TileLang sparse MLA kernels without a GPU: availability and its reasons in the kernel table, refusal
+of the kernel when chosen where it cannot run, and the torch side of the kernel (argument checks, layout
+refusal, head / top-k padding, split choice, split merge against the reference math)."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsv.backend.interface import KernelUnavailable
+from dsv.ops.attention import sparse_mla as reference
+from dsv.ops.kv_cache import MLACacheLayer
+
+pytest.importorskip("dsv_cuda", reason="install with: pip install -e backends/cuda --no-deps")
+
+from dsv_cuda import kernels as kernels_mod  # noqa: E402
+from dsv_cuda.backend import CudaBackend  # noqa: E402
+from dsv_cuda.tilelang import sparse_mla as tl_mla  # noqa: E402
+from dsv_cuda.tilelang.status import tilelang_status  # noqa: E402
+
+H200 = (9, 0)
+OPS = ("sparse_mla_decode", "sparse_mla_prefill")
+
+
+@pytest.fixture
+def tilelang_installed(monkeypatch):
+    """``installed(True)`` makes find_spec find a (fake) tilelang; ``installed(False)`` hides a real one.
+    Nothing is imported either way."""
+
+    def installed(present: bool) -> None:
+        real = importlib.util.find_spec
+
+        def find_spec(name, package=None):
+            if name == "tilelang":
+                return importlib.machinery.ModuleSpec(name, None) if present else None
+            return real(name, package)
+
+        monkeypatch.delitem(sys.modules, "tilelang", raising=False)
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+    installed(False)
+    return installed
+
+
+@pytest.fixture(autouse=True)
+def _no_triton(monkeypatch):
+    # Default choices must not depend on whether Triton sees a GPU here.
+    monkeypatch.setattr(kernels_mod, "triton_kernels", lambda: ({}, False, "triton not in this test"))
+
+
+def _entry(backend: CudaBackend, op: str):
+    return {k.name: k for k in backend.capabilities().kernels[op]}["tilelang"]
+
+
+# ----- availability and its reasons -----
+
+
+def test_status_reasons(tilelang_installed):
+    assert tilelang_status(H200) == (False, "tilelang is not installed (pip install tilelang)")
+    tilelang_installed(True)
+    ok, why = tilelang_status(None)
+    assert not ok and "need an sm_90 GPU" in why
+    ok, why = tilelang_status((8, 0))
+    assert not ok and "need sm_90" in why and "sm_80" in why
+    ok, why = tilelang_status((10, 0))
+    assert not ok and "sm_100" in why
+    assert tilelang_status(H200) == (True, "")
+
+
+def test_table_lists_tilelang_unavailable_without_the_package(tilelang_installed):
+    backend = CudaBackend(arch=H200)
+    for op in OPS:
+        k = _entry(backend, op)
+        assert not k.available and k.reason == "tilelang is not installed (pip install tilelang)"
+        assert k.fn is not None  # the real kernel, refused by availability, not a placeholder
+
+
+def test_table_without_gpu_gives_the_gpu_reason(tilelang_installed):
+    tilelang_installed(True)
+    k = _entry(CudaBackend(arch=None), "sparse_mla_decode")
+    assert not k.available and "sm_90" in k.reason
+
+
+def test_table_on_h200_with_tilelang_offers_the_kernels(tilelang_installed):
+    tilelang_installed(True)
+    backend = CudaBackend(arch=H200)
+    assert _entry(backend, "sparse_mla_decode").fn is tl_mla.sparse_mla_decode
+    assert _entry(backend, "sparse_mla_prefill").fn is tl_mla.sparse_mla_prefill
+    assert all(_entry(backend, op).available for op in OPS)
+    # No FA3 / FlashMLA here: tilelang is the preferred available kernel for a bf16 cache ...
+    chosen = backend.default_kernels(kv_cache_dtype="bf16")
+    assert chosen["sparse_mla_decode"] == "tilelang" and chosen["sparse_mla_prefill"] == "tilelang"
+    # ... and never the default for the FP8 cache, which it does not read.
+    chosen = backend.default_kernels(kv_cache_dtype="fp8_e4m3")
+    assert chosen["sparse_mla_decode"] != "tilelang" and chosen["sparse_mla_prefill"] != "tilelang"
+
+
+def test_choosing_tilelang_without_the_package_is_refused_with_the_reason(tilelang_installed):
+    backend = CudaBackend(arch=H200)
+    reasons = backend.validate({"nsa_decode": "tilelang", "nsa_prefill": "tilelang"})
+    assert len(reasons) == 2 and all("tilelang is not installed" in r for r in reasons)
+    with pytest.raises(KernelUnavailable, match="tilelang is not installed"):
+        backend.ops({"nsa_decode": "tilelang"})
+
+
+def test_choosing_tilelang_with_the_fp8_cache_is_refused(tilelang_installed):
+    tilelang_installed(True)
+    backend = CudaBackend(arch=H200)
+    reasons = backend.validate({"nsa_decode": "tilelang", "kv_cache_dtype": "fp8_e4m3"})
+    assert any("tilelang needs the bf16 KV layout" in r for r in reasons), reasons
+    assert backend.validate({"nsa_decode": "tilelang", "kv_cache_dtype": "bf16"}) == []
+    with pytest.raises(KernelUnavailable, match="bf16 KV layout"):
+        backend.ops({"nsa_prefill": "tilelang"}, {"kv_cache_dtype": "fp8_e4m3"})
+
+
+def test_importing_the_package_does_not_import_tilelang():
+    code = "import sys, dsv_cuda.kernels, dsv_cuda.tilelang; assert 'tilelang' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----- argument checks and layout dispatch -----
+
+
+def _cache(layout: str = "float", dtype: torch.dtype = torch.bfloat16, r: int = 512, dr: int = 64):
+    return MLACacheLayer(2, 64, r, dr, layout, dtype, "cpu")
+
+
+def test_fp8_layout_is_refused_with_what_works():
+    q = torch.zeros(2, 16, 576, dtype=torch.bfloat16)
+    with pytest.raises(KernelUnavailable, match="FP8 656-byte layout.*--kv-cache-dtype bf16"):
+        tl_mla.sparse_mla_decode(q, _cache("fp8"), torch.zeros(2, 8, dtype=torch.long), 0.1)
+
+
+def test_fp32_cache_is_refused():
+    q = torch.zeros(2, 16, 576)
+    with pytest.raises(KernelUnavailable, match="bf16/fp16 KV cache.*float32"):
+        tl_mla.sparse_mla_prefill(q, _cache(dtype=torch.float32), torch.zeros(2, 8, dtype=torch.long), 0.1)
+
+
+def test_shape_errors():
+    cache = _cache()
+    with pytest.raises(ValueError, match="q must be"):
+        tl_mla.check_args(torch.zeros(2, 16, 512), cache, torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="indices must be"):
+        tl_mla.check_args(torch.zeros(2, 16, 576), cache, torch.zeros(3, 8, dtype=torch.long))
+    with pytest.raises(KernelUnavailable, match="kv_lora_rank % 64"):
+        tl_mla.check_args(torch.zeros(2, 16, 100 + 64), _cache(r=100), torch.zeros(2, 8, dtype=torch.long))
+
+
+def test_cpu_tensors_are_refused():
+    q = torch.zeros(2, 16, 576, dtype=torch.bfloat16)
+    with pytest.raises(KernelUnavailable, match="CUDA tensors"):
+        tl_mla.sparse_mla_decode(q, _cache(), torch.zeros(2, 8, dtype=torch.long), 0.1)
+
+
+# ----- padding and the split plan -----
+
+
+@pytest.mark.parametrize(("heads", "padded"), [(16, 64), (64, 64), (100, 128), (128, 128)])
+def test_heads_are_padded_to_the_head_block(heads, padded):
+    assert tl_mla.plan(64, heads, 2048, 132).heads == padded
+
+
+def test_topk_is_padded_to_whole_blocks_of_every_split():
+    assert tl_mla.plan(64, 128, 1000, 132) == tl_mla.Plan(128, 1024, 1)
+    p = tl_mla.plan(3, 128, 1000, 132)
+    assert p.splits > 1 and p.topk % (tl_mla.BLOCK_I * p.splits) == 0 and p.topk >= 1000
+    p = tl_mla.plan(1, 128, 100, 132, splits=4)
+    assert p == tl_mla.Plan(128, 256, 4)
+    with pytest.raises(ValueError):
+        tl_mla.plan(1, 128, 100, 132, splits=0)
+
+
+def test_splits_only_when_programs_leave_sms_idle():
+    assert tl_mla.plan(1, 128, 2048, 132).splits == 16
+    assert tl_mla.plan(16, 128, 2048, 132).splits == 4
+    assert tl_mla.plan(64, 128, 2048, 132).splits == 1
+    assert tl_mla.plan(4096, 128, 2048, 132).splits == 1
+    assert tl_mla.plan(1, 128, 128, 132).splits == 1  # 2 index blocks: never one block per split
+
+
+def test_pad_queries_appends_zero_heads_in_the_kv_dtype():
+    q = torch.randn(3, 16, 576)
+    out = tl_mla.pad_queries(q, 64, torch.bfloat16)
+    assert out.shape == (3, 64, 576) and out.dtype == torch.bfloat16 and out.is_contiguous()
+    assert torch.equal(out[:, :16], q.to(torch.bfloat16)) and not out[:, 16:].any()
+
+
+def test_pad_indices_appends_unused_entries_as_int32():
+    idx = torch.tensor([[5, -1, 7], [-1, -1, -1]])
+    out = tl_mla.pad_indices(idx, 64)
+    assert out.dtype == torch.int32 and out.shape == (2, 64)
+    assert out[0, :3].tolist() == [5, -1, 7] and (out[:, 3:] == -1).all()
+
+
+# ----- merging split-KV partials -----
+
+
+def _partial(q, cache, idx, sm_scale):
+    """Reference partial of one split: normalized output and its log2-sum-exp (-inf when no valid key)."""
+    out = reference(q, cache, idx, sm_scale).float()
+    rows = cache.read_rows(idx.clamp_min(0).reshape(-1)).view(idx.shape[0], idx.shape[1], -1).float()
+    scores = torch.einsum("thd,tkd->thk", q.float(), rows) * (sm_scale * math.log2(math.e))
+    scores = scores.masked_fill(~(idx >= 0)[:, None, :], float("-inf"))
+    return out, torch.logsumexp(scores * math.log(2), dim=-1) / math.log(2)
+
+
+def test_merge_splits_equals_attention_over_the_whole_list():
+    torch.manual_seed(0)
+    t, h, k, splits, r, dr = 3, 4, 24, 3, 32, 8
+    cache = MLACacheLayer(1, 64, r, dr, "float", torch.float32, "cpu")
+    cache.flat.copy_(torch.randn(cache.flat.shape))
+    q = torch.randn(t, h, r + dr)
+    idx = torch.randint(0, 64, (t, k))
+    idx[0, 8:16] = -1  # row 0: its second split has no valid key
+    idx[2] = -1  # row 2: no valid key at all
+    parts, lses = zip(*(_partial(q, cache, c, 0.3) for c in idx.chunk(splits, dim=1)), strict=True)
+    part, lse = torch.stack(parts, 1), torch.stack(lses, 1)  # [T, S, H, R], [T, S, H]
+    assert torch.isinf(lse[0, 1]).all() and torch.isinf(lse[2]).all()
+    merged = tl_mla.merge_splits(part, lse)
+    expected = reference(q, cache, idx, 0.3)
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
+    assert not merged[2].any() and not torch.isnan(merged).any()
+
+
+_MERGE_SCRIPT = """
+import torch
+from dsv_cuda.tilelang.sparse_mla import merge_splits, merge_splits_cuda
+torch.manual_seed(0)
+part = torch.randn(3, 4, 5, 64)
+lse = torch.randn(3, 4, 5) * 4
+lse[0, 1] = float("-inf")  # an empty split
+lse[2] = float("-inf")  # a row without any valid key
+part[2] = 0.0  # the kernel writes 0 for empty splits
+out = merge_splits_cuda(part, lse, torch.empty(3, 5, 64, dtype=torch.bfloat16))
+expected = merge_splits(part, lse)
+torch.testing.assert_close(out.float(), expected, rtol=2**-8, atol=2**-8)
+assert not out[2].any()
+"""
+
+
+def test_triton_merge_used_on_the_gpu_matches_the_torch_merge():
+    """The GPU path merges splits with dsv's Triton kernel; here it runs in Triton's interpreter (in a fresh
+    process, since TRITON_INTERPRET must be set before Triton is imported)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-c", _MERGE_SCRIPT], check=True, env=env)
