@@ -42,6 +42,44 @@ def yarn_rope_scaling(factor: float, original_max_position_embeddings: int) -> d
     }
 
 
+#: ``config.json`` of ``deepseek-ai/DeepSeek-V3.2-Exp`` as published (the original DeepSeek form): the real
+#: dimensions, for full-width benchmarks and tests. Copy it before changing it.
+DEEPSEEK_V32_EXP_CONFIG: dict[str, Any] = {
+    "architectures": ["DeepseekV32ForCausalLM"],
+    "model_type": "deepseek_v32",
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "first_k_dense_replace": 3,
+    "num_attention_heads": 128,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "n_group": 8,
+    "topk_group": 4,
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "norm_topk_prob": True,
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "index_topk": 2048,
+    "num_nextn_predict_layers": 1,
+    "max_position_embeddings": 163840,
+    "rope_theta": 10000,
+    "rope_scaling": yarn_rope_scaling(40, 4096),
+    "rms_norm_eps": 1e-6,
+    "torch_dtype": "bfloat16",
+    "quantization_config": dict(FP8_QUANTIZATION_CONFIG),
+}
+
+
 class ConfigError(ValueError):
     """A config.json that dsv cannot serve, with the reason."""
 

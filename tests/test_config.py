@@ -2,60 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 
-from dsv.config import ConfigError, ModelConfig
+from dsv.config import DEEPSEEK_V32_EXP_CONFIG, ConfigError, ModelConfig
 
-ORIGINAL = {
-    "architectures": ["DeepseekV32ForCausalLM"],
-    "model_type": "deepseek_v32",
-    "vocab_size": 129280,
-    "hidden_size": 7168,
-    "intermediate_size": 18432,
-    "moe_intermediate_size": 2048,
-    "num_hidden_layers": 61,
-    "first_k_dense_replace": 3,
-    "num_attention_heads": 128,
-    "q_lora_rank": 1536,
-    "kv_lora_rank": 512,
-    "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64,
-    "v_head_dim": 128,
-    "n_routed_experts": 256,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 8,
-    "n_group": 8,
-    "topk_group": 4,
-    "routed_scaling_factor": 2.5,
-    "scoring_func": "sigmoid",
-    "norm_topk_prob": True,
-    "index_n_heads": 64,
-    "index_head_dim": 128,
-    "index_topk": 2048,
-    "num_nextn_predict_layers": 1,
-    "max_position_embeddings": 163840,
-    "rope_theta": 10000,
-    "rope_scaling": {
-        "type": "yarn",
-        "factor": 40,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
-    "rms_norm_eps": 1e-6,
-    "torch_dtype": "bfloat16",
-    "quantization_config": {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": [128, 128],
-        "scale_fmt": "ue8m0",
-    },
-}
+#: The published V3.2-Exp config.json (kept in dsv.config for full-width benchmarks too).
+ORIGINAL = copy.deepcopy(DEEPSEEK_V32_EXP_CONFIG)
 
 
 def transformers5_form() -> dict:

@@ -65,6 +65,33 @@ def moe_route(
     return weights * scaling, ids
 
 
+def sort_by_expert(
+    ids: torch.Tensor, num_experts: int, align: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Lay the T*top_k (token, slot) pairs out by expert, each expert's run padded to a multiple of ``align``.
+
+    All on the device with no host sync (graph-safe): counts come from ``scatter_add_`` (CUDA ``bincount``
+    reads its maximum back to the host) and the sort is stable, so an expert's rows keep token order.
+
+    Returns:
+        order [n]: flat pair indices (``t * top_k + j``) sorted by expert; dest [n]: the padded row of each
+        sorted pair; ends [E]: cumulative padded group ends; rows: the padded row count
+        ``n + E * (align - 1)`` rounded up to ``align`` (static, a bound on ``ends[-1]``).
+    """
+    flat = ids.reshape(-1).long()
+    n = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + align - 1) // align * align
+    ends = padded.cumsum(0)
+    order = torch.argsort(flat, stable=True)
+    expert_of = flat[order]
+    rank = torch.arange(n, device=ids.device) - (counts.cumsum(0) - counts)[expert_of]
+    dest = (ends - padded)[expert_of] + rank
+    rows = -(-(n + num_experts * (align - 1)) // align) * align
+    return order, dest, ends, rows
+
+
 def fused_moe(
     x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights
 ) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dsv.kernels.triton.quant import (
     store_cast,
     store_view,
 )
-from dsv.ops.moe import ExpertWeights
+from dsv.ops.moe import ExpertWeights, sort_by_expert
 from dsv.ops.quant import fp8_dtype_max
 
 
@@ -30,18 +30,8 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
     Returns ``sorted_ids`` [P] (flat pair index, ``T*top_k`` = padding) and ``block_expert`` [P / block_m]
     (-1 past the last used block), with P = T*top_k + E*(block_m-1) rounded up: no host sync, graph-safe.
     """
-    flat = ids.reshape(-1).long()
-    n = flat.numel()
-    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = padded.cumsum(0)
-    order = torch.argsort(flat, stable=True)
-    expert_of = flat[order]
-    rank = torch.arange(n, device=ids.device) - (counts.cumsum(0) - counts)[expert_of]
-    dest = (ends - padded)[expert_of] + rank
-    total = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
-    sorted_ids = torch.full((total,), n, dtype=torch.int32, device=ids.device)
+    order, dest, ends, total = sort_by_expert(ids, num_experts, block_m)
+    sorted_ids = torch.full((total,), order.numel(), dtype=torch.int32, device=ids.device)
     sorted_ids[dest] = order.to(torch.int32)
     block_start = torch.arange(0, total, block_m, device=ids.device)
     block_expert = torch.searchsorted(ends, block_start, right=True)

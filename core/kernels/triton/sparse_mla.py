@@ -299,17 +299,26 @@ def sparse_mla(
         num_stages=num_stages,
     )
     if splits > 1:
-        _merge_splits_kernel[(t, h)](
-            part,
-            lse,
-            out_view,
-            h,
-            splits,
-            out.stride(0),
-            out.stride(1),
-            R=r,
-            BLOCK_S=triton.next_power_of_2(splits),
-            BLOCK_R=triton.next_power_of_2(r),
-            BF16_BITS=bf16_bits,
-        )
+        merge_splits(part, lse, out)
+    return out
+
+
+def merge_splits(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Merge split-KV partial outputs ``part`` [T, S, H, R] fp32 with their base-2 log-sum-exps ``lse``
+    [T, S, H] into ``out`` [T, H, R] in one launch (a split with lse -inf contributes nothing)."""
+    t, s, h, r = part.shape
+    out_view, bf16_bits = store_view(out)
+    _merge_splits_kernel[(t, h)](
+        part,
+        lse,
+        out_view,
+        h,
+        s,
+        out.stride(0),
+        out.stride(1),
+        R=r,
+        BLOCK_S=triton.next_power_of_2(s),
+        BLOCK_R=triton.next_power_of_2(r),
+        BF16_BITS=bf16_bits,
+    )
     return out

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv.backend.interface import KernelUnavailable
-from dsv.ops.moe import ExpertWeights
+from dsv.ops.moe import ExpertWeights, sort_by_expert
 from dsv.ops.quant import AMAX_FLOOR, quant_roundtrip, weight_dequant
 
 log = logging.getLogger(__name__)
@@ -100,23 +100,11 @@ class Routing:
 
 
 def route_rows(ids: torch.Tensor, num_experts: int, align: int = ALIGN_M) -> Routing:
-    """Sort the (token, slot) pairs by expert into ``align``-padded groups, on the device without a host sync.
-
-    Counts use ``scatter_add_`` rather than ``bincount`` (CUDA ``bincount`` reads the max back to the host).
-    The sort is stable, so within an expert the rows keep token order, as in the reference.
-    """
-    flat = ids.reshape(-1).long()
-    n = flat.numel()
-    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + align - 1) // align * align
-    ends = padded.cumsum(0)
-    order = torch.argsort(flat, stable=True)
-    expert_of = flat[order]
-    rank = torch.arange(n, device=ids.device) - (counts.cumsum(0) - counts)[expert_of]
-    dest = torch.empty(n, dtype=torch.long, device=ids.device)
-    dest[order] = (ends - padded)[expert_of] + rank
-    rows = _round_up(n + num_experts * (align - 1), align)
+    """Sort the (token, slot) pairs by expert into ``align``-padded groups, on the device without a host sync
+    (:func:`dsv.ops.moe.sort_by_expert`)."""
+    order, sorted_dest, ends, rows = sort_by_expert(ids, num_experts, align)
+    dest = torch.empty_like(sorted_dest)
+    dest[order] = sorted_dest
     return Routing(rows=rows, offs=ends.to(torch.int32), dest=dest)
 
 

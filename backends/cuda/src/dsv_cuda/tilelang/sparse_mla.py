@@ -149,27 +149,9 @@ def merge_splits_cuda(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) 
     """:func:`merge_splits` into ``out`` [T, H, R] (bf16/fp16) in one launch of dsv's Triton merge kernel (the
     same partial layout as dsv's Triton sparse MLA); eight torch launches cost more host time than the
     attention kernel itself at batch 1."""
-    import triton
+    from dsv.kernels.triton.sparse_mla import merge_splits as triton_merge
 
-    from dsv.kernels.triton.quant import store_view
-    from dsv.kernels.triton.sparse_mla import _merge_splits_kernel
-
-    t, s, h, r = part.shape
-    out_view, bf16_bits = store_view(out)
-    _merge_splits_kernel[(t, h)](
-        part,
-        lse,
-        out_view,
-        h,
-        s,
-        out.stride(0),
-        out.stride(1),
-        R=r,
-        BLOCK_S=triton.next_power_of_2(s),
-        BLOCK_R=triton.next_power_of_2(r),
-        BF16_BITS=bf16_bits,
-    )
-    return out
+    return triton_merge(part, lse, out)
 
 
 @functools.lru_cache(maxsize=8)
