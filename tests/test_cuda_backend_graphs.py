@@ -15,7 +15,7 @@ from dsv.ops.metadata import AttentionMetadata
 
 pytest.importorskip("dsv_cuda", reason="install with: pip install -e backends/cuda --no-deps")
 
-from dsv_cuda.graphs import DecodeGraphRunner, capture_sizes, eager_graph  # noqa: E402
+from dsv_cuda.graphs import DecodeGraphRunner, capture_contexts, capture_sizes, eager_graph  # noqa: E402
 
 PAGE = 4
 
@@ -74,7 +74,7 @@ def runner(fwd, **kw) -> DecodeGraphRunner:
 def test_replays_the_smallest_graph_that_fits_and_pads():
     fwd = FakeForward()
     r = runner(fwd, batch_sizes=[1, 2, 4, 8])
-    assert sorted(r.graphs) == [1, 2, 4, 8]
+    assert sorted(r.graphs) == [(1, 32), (2, 32), (4, 32), (8, 32)]  # default buckets exceed 32
     fwd.seen.clear()
     ids, meta = decode_step([5, 9, 13])
     out = r(ids, meta)
@@ -85,6 +85,27 @@ def test_replays_the_smallest_graph_that_fits_and_pads():
     assert seen["positions"].tolist() == [4, 8, 12, 0] and seen["seq_lens"].tolist() == [5, 9, 13, 1]
     assert seen["slots"][3] == 0 and seen["table"].shape == (4, 8) and seen["table"][3].eq(0).all()
     torch.testing.assert_close(out, FakeForward()(ids, meta))
+
+
+def test_capture_contexts():
+    assert capture_contexts(163840, 64) == [4096, 16384, 65536, 163840]
+    assert capture_contexts(32, 4, [10, 8, 64]) == [8, 12, 32]  # rounded up to whole pages, then the maximum
+    assert capture_contexts(4096, 64) == [4096]
+
+
+def test_short_contexts_replay_a_graph_frozen_at_a_smaller_context():
+    """A step replays the smallest context bucket holding its longest sequence, so kernels sized by the frozen
+    max_seq_len (the indexer's logits and top-k) do not pay for the maximum context."""
+    fwd = FakeForward()
+    r = runner(fwd, batch_sizes=[2, 4], context_buckets=[8, 16])
+    assert sorted(r.graphs) == [(2, 8), (2, 16), (2, 32), (4, 8), (4, 16), (4, 32)]
+    for lengths, frozen in (([5, 9, 13], 16), ([3, 7], 8), ([8], 8), ([9, 30], 32)):
+        ids, meta = decode_step(lengths)
+        out = r(ids, meta)
+        seen = fwd.seen[-1]
+        assert seen["max_seq_len"] == frozen and seen["table"].shape[1] == frozen // PAGE
+        torch.testing.assert_close(out, FakeForward()(ids, meta))
+    assert r.stats == {"replayed": 4, "eager": 0}
 
 
 def test_stale_block_table_columns_are_cleared():

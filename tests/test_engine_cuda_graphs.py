@@ -284,5 +284,5 @@ def test_capture_failure_names_the_flag():
         device="cpu",
         graph_factory=bad_factory,
     )
-    with pytest.raises(KernelUnavailable, match="batch size 2 failed.*--disable-cuda-graph"):
+    with pytest.raises(KernelUnavailable, match="batch size 2 .context 8. failed.*--disable-cuda-graph"):
         runner.capture()

@@ -117,6 +117,8 @@ class DecodeGraphConfig:
         page_size: KV page size of the pool.
         pad_slot: a KV slot no sequence ever owns; padding rows write there.
         batch_sizes: sizes to capture (None: the backend's default ladder up to ``max_batch_size``).
+        context_buckets: frozen context lengths to capture below ``max_seq_len`` (None: the backend's
+            default), so that short contexts do not pay for kernels sized by the maximum context.
         cache_config: ``validate()``-style keys (kv_cache_dtype, page_size, indexer_quant, dtype) for kernel
             requirements.
         kernel_choices: the user's explicit op -> kernel choices; a backend may replace a non-capturable
@@ -128,6 +130,7 @@ class DecodeGraphConfig:
     page_size: int
     pad_slot: int
     batch_sizes: tuple[int, ...] | None = None
+    context_buckets: tuple[int, ...] | None = None
     cache_config: dict[str, Any] = field(default_factory=dict)
     kernel_choices: dict[str, str] = field(default_factory=dict)
 

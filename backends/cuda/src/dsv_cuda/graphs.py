@@ -10,9 +10,12 @@ graph is replayed and the first ``bs`` output rows returned.
 Constraints (why some forwards cannot be captured):
 
 - Everything the forward derives from Python values is frozen at capture: the batch size, ``page_size``,
-  ``max_query_len`` (1) and ``meta.max_seq_len``. Graphs are captured with ``max_seq_len`` = the maximum
-  context, so kernels must take each sequence's length from ``seq_lens`` (a tensor) and treat positions
-  past it as invisible; a step whose ``max_seq_len`` exceeds the captured one runs eagerly.
+  ``max_query_len`` (1) and ``meta.max_seq_len``. Kernels take each sequence's length from ``seq_lens`` (a
+  tensor) and treat positions past it as invisible, but their work can still grow with the frozen
+  ``max_seq_len`` (the indexer scores [T, max_seq_len] logits and selects over them). So graphs are captured
+  per batch size *and* per context bucket (:data:`DEFAULT_CONTEXT_BUCKETS` below the maximum context, plus
+  the maximum itself), and a step replays the smallest bucket holding its longest sequence; a step past the
+  maximum runs eagerly.
 - No host synchronization in the decode forward: no ``.tolist()``, ``.item()``, ``nonzero``, ``unique`` or
   data-dependent shapes. In dsv 0.1 the reference ``fused_moe`` (``core/ops/moe.py``: ``torch.unique(ids)
   .tolist()`` and ``nonzero``) and the deep_gemm ``fused_moe`` (padded row count) do this, so MoE models
@@ -42,6 +45,9 @@ log = logging.getLogger(__name__)
 
 #: Batch sizes captured by default (those up to ``max_batch_size``, plus ``max_batch_size`` itself).
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
+#: Context lengths (frozen max_seq_len) captured below the maximum context: a decode step at 3K context must
+#: not pay for the indexer's logits and top-k over, say, 160K positions.
+DEFAULT_CONTEXT_BUCKETS = (4096, 16384, 65536)
 
 ForwardFn = Callable[[torch.Tensor, AttentionMetadata], torch.Tensor]
 #: Given a zero-argument closure that runs the forward on the static buffers, return (replay, output).
@@ -59,6 +65,15 @@ def capture_sizes(max_batch_size: int, sizes: Sequence[int] | None = None) -> li
     if not chosen:
         raise ValueError(f"no capture size in {list(sizes or [])} is <= max_batch_size {max_batch_size}")
     return chosen
+
+
+def capture_contexts(max_seq_len: int, page_size: int, buckets: Sequence[int] | None = None) -> list[int]:
+    """Sorted frozen context lengths to capture: ``buckets`` (default :data:`DEFAULT_CONTEXT_BUCKETS`)
+    below ``max_seq_len``, rounded up to whole pages, plus ``max_seq_len`` itself."""
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    chosen = {-(-int(b) // page_size) * page_size for b in (buckets or DEFAULT_CONTEXT_BUCKETS) if int(b) > 0}
+    return sorted({c for c in chosen if c < max_seq_len} | {max_seq_len})
 
 
 def cuda_graph(
@@ -109,17 +124,19 @@ class StaticBatch:
         self.block_table = torch.zeros(n, max_pages, dtype=torch.int32, device=device)
         self.slot_mapping = torch.full((n,), pad_slot, dtype=torch.int64, device=device)
 
-    def meta(self, bs: int) -> AttentionMetadata:
-        """Metadata of views over the first ``bs`` rows, with the frozen ``max_seq_len``."""
+    def meta(self, bs: int, context: int | None = None) -> AttentionMetadata:
+        """Metadata of views over the first ``bs`` rows, frozen at ``context`` (default: the maximum) keys."""
+        context = self.max_seq_len if context is None else context
+        pages = -(-context // self.page_size)
         return AttentionMetadata(
             positions=self.positions[:bs],
             token_seq=self.token_seq[:bs],
             query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs],
-            block_table=self.block_table[:bs],
+            block_table=self.block_table[:bs, :pages],
             slot_mapping=self.slot_mapping[:bs],
             page_size=self.page_size,
-            max_seq_len=self.max_seq_len,
+            max_seq_len=context,
             max_query_len=1,
         )
 
@@ -156,6 +173,7 @@ class DecodeGraphRunner:
         page_size: KV page size of the pool.
         device: the CUDA device.
         batch_sizes: sizes to capture (default :data:`DEFAULT_BATCH_SIZES` up to ``max_batch_size``).
+        context_buckets: frozen context lengths below ``max_seq_len`` (default :data:`DEFAULT_CONTEXT_BUCKETS`).
         enabled: False for ``--disable-cuda-graph``.
         pad_slot: KV slot padding rows write to (a slot no sequence owns).
         graph_factory: how to capture (:func:`eager_graph` in CPU tests).
@@ -170,6 +188,7 @@ class DecodeGraphRunner:
         page_size: int,
         device: str | torch.device = "cuda",
         batch_sizes: Sequence[int] | None = None,
+        context_buckets: Sequence[int] | None = None,
         enabled: bool = True,
         pad_slot: int = 0,
         graph_factory: GraphFactory | None = None,
@@ -181,10 +200,11 @@ class DecodeGraphRunner:
         self.max_seq_len = max_seq_len
         self.page_size = page_size
         self.max_pages = -(-max_seq_len // page_size)
+        self.contexts = capture_contexts(max_seq_len, page_size, context_buckets)
         self.static = StaticBatch(
             self.sizes[-1], self.max_pages, page_size, max_seq_len, self.device, pad_slot
         )
-        self.graphs: dict[int, _Graph] = {}
+        self.graphs: dict[tuple[int, int], _Graph] = {}  # (batch size, frozen context) -> graph
         self.stats = {"replayed": 0, "eager": 0}
         self.capture_s = 0.0
         self.note = ""  # extra words for describe(), e.g. kernels replaced for capture
@@ -192,7 +212,7 @@ class DecodeGraphRunner:
         self._factory = graph_factory
 
     def capture(self) -> None:
-        """Capture every batch size, largest first (smaller graphs reuse its memory pool).
+        """Capture every (batch size, context bucket), largest first (smaller graphs reuse its memory pool).
 
         Raises:
             KernelUnavailable: a capture failed (typically a kernel that synchronizes with the host); the
@@ -203,8 +223,8 @@ class DecodeGraphRunner:
             return
         start = time.perf_counter()
         with torch.inference_mode():
-            for bs in reversed(self.sizes):
-                ids, meta = self.static.input_ids[:bs], self.static.meta(bs)
+            for bs, ctx in [(b, c) for b in reversed(self.sizes) for c in reversed(self.contexts)]:
+                ids, meta = self.static.input_ids[:bs], self.static.meta(bs, ctx)
                 fn = lambda ids=ids, meta=meta: self.forward(ids, meta)  # noqa: E731
                 try:
                     if self._factory is not None:
@@ -216,12 +236,12 @@ class DecodeGraphRunner:
                 except Exception as exc:
                     first = (str(exc).strip().splitlines() or [""])[0]
                     raise KernelUnavailable(
-                        f"capturing the decode forward for batch size {bs} failed "
+                        f"capturing the decode forward for batch size {bs} (context {ctx}) failed "
                         f"({type(exc).__name__}: {first}); "
                         "a kernel of the decode path probably synchronizes with the host. "
                         "Run with --disable-cuda-graph to decode eagerly"
                     ) from exc
-                self.graphs[bs] = _Graph(replay, out)
+                self.graphs[(bs, ctx)] = _Graph(replay, out)
         self.capture_s = time.perf_counter() - start
         log.info("%s", self.describe())
 
@@ -231,7 +251,8 @@ class DecodeGraphRunner:
             return "decode graphs: none captured (decode runs eagerly)"
         note = f"; {self.note}" if self.note else ""
         return (
-            f"decode graphs: captured batch sizes {self.sizes} (max context {self.max_seq_len}, "
+            f"decode graphs: captured batch sizes {self.sizes} x contexts {self.contexts}, "
+            f"({len(self.graphs)} graphs, "
             f"pad slot {self.static.pad_slot}) in {self.capture_s:.1f} s{note}"
         )
 
@@ -239,6 +260,11 @@ class DecodeGraphRunner:
         """The smallest captured batch size >= ``bs`` (None when ``bs`` is larger than all)."""
         i = bisect.bisect_left(self.sizes, bs)
         return self.sizes[i] if i < len(self.sizes) else None
+
+    def context_bucket(self, max_seq_len: int) -> int | None:
+        """The smallest captured context >= ``max_seq_len`` (None past the maximum)."""
+        i = bisect.bisect_left(self.contexts, max_seq_len)
+        return self.contexts[i] if i < len(self.contexts) else None
 
     def why_eager(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> str | None:
         """Why this step cannot replay a graph (None when it can)."""
@@ -265,7 +291,7 @@ class DecodeGraphRunner:
         bs = meta.num_seqs
         padded = self.padded_size(bs)
         self.static.load(padded, input_ids, meta)
-        graph = self.graphs[padded]
+        graph = self.graphs[(padded, self.context_bucket(meta.max_seq_len))]
         with torch.inference_mode():  # outputs were captured as inference tensors
             graph.replay()
         self.stats["replayed"] += 1
@@ -287,6 +313,7 @@ def capture_decode(
         page_size=config.page_size,
         device=device,
         batch_sizes=config.batch_sizes,
+        context_buckets=config.context_buckets,
         pad_slot=config.pad_slot,
         graph_factory=graph_factory,
     )
