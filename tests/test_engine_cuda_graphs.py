@@ -8,6 +8,8 @@ checked on the H200 by backends/cuda/scripts/h200_graphs.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -32,12 +34,15 @@ H200 = (9, 0)
 class EagerGraphBackend(ReferenceBackend):
     """Reference kernels, decode "captured" with the eager stand-in (what CudaBackend does on a GPU)."""
 
-    def __init__(self) -> None:
+    def __init__(self, context_buckets: tuple[int, ...] | None = None) -> None:
         super().__init__("cpu")
         self.configs: list[DecodeGraphConfig] = []
         self.runners: list[DecodeGraphRunner] = []
+        self.context_buckets = context_buckets
 
     def decode_runner(self, forward, ops, config):
+        if self.context_buckets:
+            config = dataclasses.replace(config, context_buckets=self.context_buckets)
         self.configs.append(config)
         runner = capture_decode(lambda ids, meta: forward(ids, meta, ops), config, "cpu", eager_graph)
         self.runners.append(runner)
@@ -101,15 +106,22 @@ def _slots_that_differ(a, b) -> list[int]:
 ENGINE = dict(max_running_requests=6, chunked_prefill_size=24, max_model_len=64)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8_e4m3"])
-def test_decode_graphs_give_the_eager_greedy_tokens(kv_cache_dtype):
+@pytest.mark.parametrize(
+    "kv_cache_dtype, buckets",
+    [("auto", None), ("fp8_e4m3", None), ("auto", (8, 24)), ("fp8_e4m3", (8, 24))],
+)
+def test_decode_graphs_give_the_eager_greedy_tokens(kv_cache_dtype, buckets):
+    """With context buckets the graphs read a column slice of the static block table (not contiguous)."""
     prompts = random_prompts(14, 2, 30, seed=3)
     eager = make_engine(kv_cache_dtype=kv_cache_dtype, **ENGINE)
-    backend = EagerGraphBackend()
+    backend = EagerGraphBackend(buckets)
     graphs = make_engine(backend=backend, kv_cache_dtype=kv_cache_dtype, **ENGINE)
     (runner,) = backend.runners
     loads = _record_loads(runner)
     handed = _record_pages(graphs)
+    used: set[int] = set()
+    bucket = runner.context_bucket
+    runner.context_bucket = lambda n: used.add(bucket(n)) or bucket(n)
 
     want = _run(eager, prompts)
     got = _run(graphs, prompts)
@@ -126,6 +138,8 @@ def test_decode_graphs_give_the_eager_greedy_tokens(kv_cache_dtype):
     # engines allocate the same pages in the same order, so every other page holds the same keys).
     assert backend.configs[0].pad_slot == PAD_PAGE * 4 and PAD_PAGE not in handed and handed
     assert _slots_that_differ(eager, graphs) == []
+    if buckets:
+        assert runner.contexts == [8, 24, 64] and len(used) >= 2, used
 
 
 def test_capture_uses_the_engine_limits():
