@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -305,7 +306,20 @@ def capture_decode(
     graph_factory: GraphFactory | None = None,
     note: str = "",
 ) -> DecodeGraphRunner:
-    """A :class:`DecodeGraphRunner` for the engine's :class:`DecodeGraphConfig`, already captured."""
+    """A :class:`DecodeGraphRunner` for the engine's :class:`DecodeGraphConfig`, already captured.
+
+    The context buckets come from the config, else from ``DSV_CUDA_GRAPH_CONTEXT_BUCKETS`` (comma-separated
+    lengths, e.g. ``2048,8192``), else :data:`DEFAULT_CONTEXT_BUCKETS`.
+    """
+    buckets = config.context_buckets
+    env = os.environ.get("DSV_CUDA_GRAPH_CONTEXT_BUCKETS", "").strip()
+    if buckets is None and env:
+        try:
+            buckets = tuple(int(b) for b in env.split(",") if b.strip())
+        except ValueError as exc:
+            raise ValueError(
+                f"DSV_CUDA_GRAPH_CONTEXT_BUCKETS must be comma-separated integers, got {env!r}"
+            ) from exc
     runner = DecodeGraphRunner(
         forward,
         max_batch_size=config.max_batch_size,
@@ -313,7 +327,7 @@ def capture_decode(
         page_size=config.page_size,
         device=device,
         batch_sizes=config.batch_sizes,
-        context_buckets=config.context_buckets,
+        context_buckets=buckets,
         pad_slot=config.pad_slot,
         graph_factory=graph_factory,
     )
