@@ -1,4 +1,5 @@
-"""benchmarks/slice_v32.py: the tiny CPU run end to end, and the memory plan at the real V3.2 sizes."""
+"""benchmarks/slice_v32.py (code in benchmarks/slicebench/): the tiny CPU run end to end, and the memory plan at the
+real V3.2 sizes."""
 
 from __future__ import annotations
 
@@ -12,23 +13,33 @@ import pytest
 from dsv.backend.interface import KernelUnavailable
 from dsv.engine.kv_pool import CacheSpec
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "slice_v32.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def slice_v32():
-    spec = importlib.util.spec_from_file_location("slice_v32", SCRIPT)
+def bench():
+    """The benchmarks/slicebench package behind slice_v32.py (benchmarks/ is no package: on sys.path for this)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        for name in ("cli", "config", "caches", "optables"):
+            importlib.import_module(f"slicebench.{name}")
+        yield importlib.import_module("slicebench")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_entry_script_runs_the_package_main(bench) -> None:
+    # Loaded from its file as the docs' command line does, the script finds slicebench/ beside itself.
+    spec = importlib.util.spec_from_file_location("slice_v32_entry", BENCHMARKS / "slice_v32.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["slice_v32"] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("slice_v32", None)
+    assert module.main is bench.cli.main
 
 
-def test_tiny_run_writes_every_case(slice_v32, tmp_path: Path) -> None:
+def test_tiny_run_writes_every_case(bench, tmp_path: Path) -> None:
     out = tmp_path / "slice.json"
     argv = ["--tiny", "--kv-cache-dtype", "bf16,fp8_e4m3", "--cpu-reps", "1", "--out", str(out)]
-    assert slice_v32.main(argv) == 0
+    assert bench.cli.main(argv) == 0
     res = json.loads(out.read_text())
     cases = res["cases"]
     # 2 KV dtypes x 2 batches x 2 contexts x 2 modes, none skipped on the tiny model.
@@ -48,36 +59,36 @@ def test_tiny_run_writes_every_case(slice_v32, tmp_path: Path) -> None:
     assert res["env"]["layers"] == 5 and res["env"]["dense_layers"] == 1
 
 
-def test_bad_kernel_choice_is_refused_before_the_build(slice_v32) -> None:
+def test_bad_kernel_choice_is_refused_before_the_build(bench) -> None:
     with pytest.raises(KernelUnavailable, match="fused_moe"):
-        slice_v32.main(["--tiny", "--kernels", "fused_moe=nope"])
+        bench.cli.main(["--tiny", "--kernels", "fused_moe=nope"])
     with pytest.raises(SystemExit, match="op=name"):
-        slice_v32.main(["--tiny", "--kernels", "fused_moe"])
+        bench.cli.main(["--tiny", "--kernels", "fused_moe"])
 
 
-def test_memory_plan_at_v32_sizes(slice_v32) -> None:
-    cfg = slice_v32.slice_config(slice_v32.V32_CONFIG, 1, 4, 1024)
+def test_memory_plan_at_v32_sizes(bench) -> None:
+    cfg = bench.config.slice_config(bench.config.V32_CONFIG, 1, 4, 1024)
     bf16, fp8 = CacheSpec(64, "bf16", "fp8"), CacheSpec(64, "fp8_e4m3", "fp8")
     # MLA 1152 B (bf16) or 656 B (FlashMLA FP8 rows) plus the 132-byte FP8 indexer key, per token and layer.
-    assert slice_v32.kv_bytes_per_token_layer(cfg, bf16) == 1152 + 132
-    assert slice_v32.kv_bytes_per_token_layer(cfg, fp8) == 656 + 132
+    assert bench.caches.kv_bytes_per_token_layer(cfg, bf16) == 1152 + 132
+    assert bench.caches.kv_bytes_per_token_layer(cfg, fp8) == 656 + 132
     weights, budget = int(46.7e9), int(120e9)
-    small = slice_v32.plan_case(cfg, bf16, 1, 4096, weights, budget)
+    small = bench.caches.plan_case(cfg, bf16, 1, 4096, weights, budget)
     assert small.skip is None and small.cache_layers == 5 and not small.shared_kv
     # 128 x 128K tokens of bf16 KV are 21.5 GB per layer: five layers do not fit, one shared cache does.
-    big = slice_v32.plan_case(cfg, bf16, 128, 131072, weights, budget)
+    big = bench.caches.plan_case(cfg, bf16, 128, 131072, weights, budget)
     assert big.skip is None and big.shared_kv
     assert big.kv_bytes_per_layer == (128 * 2048 + 1) * 64 * 1284
-    too_big = slice_v32.plan_case(cfg, bf16, 128, 131072, weights, int(60e9))
+    too_big = bench.caches.plan_case(cfg, bf16, 128, 131072, weights, int(60e9))
     assert too_big.skip is not None and "GB of KV for one layer" in too_big.skip
 
 
-def test_all_positions_topk_selects_every_visible_key(slice_v32) -> None:
+def test_all_positions_topk_selects_every_visible_key(bench) -> None:
     import torch
 
     from dsv.engine.batch import SeqChunk, build_metadata
 
     meta = build_metadata([SeqChunk(4, 1, [1]), SeqChunk(6, 1, [2])], 8)
-    got = slice_v32.all_positions_topk(None, None, None, meta, 8)
+    got = bench.optables.all_positions_topk(None, None, None, meta, 8)
     assert got.dtype == torch.int32
     assert got.tolist() == [[0, 1, 2, 3, 4, -1, -1, -1], [0, 1, 2, 3, 4, 5, 6, -1]]

@@ -1,0 +1,128 @@
+"""Attention-side cases: sparse MLA (decode / prefill, bf16 or FP8 cache), indexer top-k decode, KV write."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .case import Case
+from .compare import topk_mismatch
+from .roofline import BF16_FLOPS, FP8_FLOPS
+
+
+def _mla_cache(dev: str, slots: int, layout: str):
+    from dsv.ops.kv_cache import MLACacheLayer
+
+    r, dr, page = 512, 64, 64
+    cache = MLACacheLayer(-(-slots // page), page, r, dr, layout, torch.bfloat16, dev)
+    if layout == "fp8":
+        from dsv.backend.reference import kv_write
+
+        chunk = 65536
+        for s in range(0, slots, chunk):
+            n = min(chunk, slots - s)
+            idx = torch.arange(s, s + n, device=dev)
+            kv_write(cache, idx, torch.randn(n, r, device=dev), torch.randn(n, dr, device=dev))
+    else:
+        cache.storage.normal_()
+    return cache
+
+
+def sparse_mla_case(
+    family: str, name: str, x: float, tokens: int, layout: str, heads: int, topk: int, slots: int, op: str
+) -> Case:
+    r, dr = 512, 64
+    row_bytes = 656 if layout == "fp8" else (r + dr) * 2
+
+    def setup(dev: str) -> tuple:
+        cache = _mla_cache(dev, slots, layout)
+        q = torch.randn(tokens, heads, r + dr, device=dev, dtype=torch.bfloat16)
+        idx = torch.randint(0, slots, (tokens, topk), device=dev, dtype=torch.int32)
+        idx[:, -topk // 8 :] = -1  # some padding, as short sequences have
+        return q, cache, idx, (r + dr) ** -0.5
+
+    # Key rows read at least once (decode: every token gathers its own; prefill: shared, at most every slot once).
+    nbytes = min(tokens * topk, slots) * row_bytes + tokens * heads * ((r + dr) * 2 + r * 2)
+    return Case(
+        family,
+        name,
+        x,
+        op,
+        setup,
+        nbytes,
+        2 * tokens * heads * topk * (r + dr + r),
+        BF16_FLOPS,
+        config={"kv_cache_dtype": "fp8_e4m3" if layout == "fp8" else "bf16", "page_size": 64},
+    )
+
+
+def indexer_case(family: str, name: str, x: float, batch: int, ctx: int, topk: int) -> Case:
+    heads, dim, page = 64, 128, 64
+
+    def setup(dev: str) -> tuple:
+        from dsv.engine.batch import SeqChunk, build_metadata
+        from dsv.ops.kv_cache import IndexKCacheLayer
+
+        per_seq = -(-ctx // page)
+        perm = torch.randperm(batch * per_seq) + 1
+        chunks = [SeqChunk(ctx - 1, 1, perm[b * per_seq : (b + 1) * per_seq].tolist()) for b in range(batch)]
+        meta = build_metadata(chunks, page, dev)
+        cache = IndexKCacheLayer(batch * per_seq + 1, page, dim, True, torch.bfloat16, dev)
+        keys = cache.storage[:, : page * dim].view(torch.float8_e4m3fn)
+        keys.copy_(torch.randn(keys.shape, device=dev).to(torch.float8_e4m3fn))
+        cache.scales.fill_(2.0**-6)
+        q = torch.randn(batch, heads, dim, device=dev).to(torch.float8_e4m3fn)
+        w = torch.rand(batch, heads, device=dev) * heads**-0.5
+        return q, w, cache, meta, topk
+
+    def compare(args: tuple) -> Callable[[Any, Any], float]:
+        from dsv.ops.indexer import indexer_logits
+
+        return topk_mismatch(indexer_logits(*args[:4]))
+
+    nbytes = batch * ctx * (dim + 4) + batch * ctx * 4 * 2
+    return Case(
+        family,
+        name,
+        x,
+        "indexer_topk_decode",
+        setup,
+        nbytes,
+        2 * batch * ctx * heads * dim,
+        FP8_FLOPS,
+        compare=compare,
+        config={"page_size": page, "indexer_quant": "fp8"},
+    )
+
+
+def kv_write_case(family: str, name: str, x: float, tokens: int, layout: str) -> Case:
+    def setup(dev: str) -> tuple:
+        from dsv.ops.kv_cache import MLACacheLayer
+
+        cache = MLACacheLayer(tokens // 64 + 1, 64, 512, 64, layout, torch.bfloat16, dev)
+        slots = torch.randperm(cache.flat.shape[0], device=dev)[:tokens]
+        lat = torch.randn(tokens, 512, device=dev, dtype=torch.bfloat16)
+        rope = torch.randn(tokens, 64, device=dev, dtype=torch.bfloat16)
+        return cache, slots, lat, rope
+
+    def compare(args: tuple) -> Callable[[Any, Any], float]:
+        # Fraction of cache bytes that differ (torch on CUDA divides by a Python scalar through its reciprocal, so
+        # the reference's amax/448 FP8 scales may differ from a kernel's in the last bit).
+        return lambda out, ref: float((out != ref).float().mean())
+
+    row = 656 if layout == "fp8" else 1152
+    return Case(
+        family,
+        name,
+        x,
+        "kv_write",
+        setup,
+        tokens * (576 * 2 + row),
+        0,
+        BF16_FLOPS,
+        compare=compare,
+        output=lambda args, _: args[0].storage.view(torch.uint8).clone(),  # kv_write returns nothing
+        reset=lambda args: args[0].storage.zero_(),
+    )
