@@ -18,7 +18,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   $PIP install "torch==2.13.0"
   case "$1" in
     test)
-      $PIP install -e ".[server,test,triton]"
+      $PIP install -e ".[server,test,triton,plot]"
       # The NVIDIA backend package: its probe, kernel table and vendor adapters are contract-tested on the CPU.
       $PIP install -e backends/cuda --no-deps
       # The dummy backend package proves entry-point discovery and the conformance suite without hardware.
