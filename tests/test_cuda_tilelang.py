@@ -252,3 +252,28 @@ def test_triton_merge_used_on_the_gpu_matches_the_torch_merge():
     pytest.importorskip("triton", reason="triton is not installed")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     subprocess.run([sys.executable, "-c", _MERGE_SCRIPT], check=True, env=env)
+
+
+def test_very_long_prefill_runs_in_pieces_below_int32_offsets(monkeypatch):
+    """Q / Out offsets are int32 in the kernel: a chunk past 2^31 elements is split over tokens (the limit is
+    lowered here so that small tensors reach it)."""
+    calls: list[int] = []
+
+    def fake_kernel(q, cache, indices, sm_scale, p, tiles):
+        calls.append(q.shape[0])
+        heads = -(-q.shape[1] // tiles.block_h) * tiles.block_h
+        return (
+            (q[:, :1, : cache.kv_lora_rank].float() + indices[:, :1, None]).expand(-1, heads, -1).to(q.dtype)
+        )
+
+    monkeypatch.setattr(tl_mla, "check_args", lambda *a: None)
+    monkeypatch.setattr(tl_mla, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(tl_mla, "_run_kernel", fake_kernel)
+    monkeypatch.setattr(tl_mla, "_INT32_ELEMENTS", 64 * 576 * 7 + 5)  # 7 tokens of 64 padded heads
+    cache = MLACacheLayer(2, 64, 512, 64, "float", torch.bfloat16, "cpu")
+    q = torch.randn(20, 16, 576).to(torch.bfloat16)
+    idx = torch.arange(20)[:, None].repeat(1, 64)
+    out = tl_mla.sparse_mla(q, cache, idx, 0.1)
+    assert calls == [7, 7, 6] and out.shape == (20, 16, 512)
+    assert torch.equal(out, fake_kernel(q, cache, idx, 0.1, None, tl_mla.DEFAULT_TILES)[:, :16])

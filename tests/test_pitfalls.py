@@ -214,3 +214,34 @@ def test_dequantized_weight_cache_follows_in_place_updates():
     after = linear(x, q, s)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, linear(x, q2, s2))
+
+
+def test_fused_moe_without_room_in_the_dequant_cache_dequantizes_only_routed_experts(monkeypatch):
+    """Stacked FP8 experts too big for the dequantization cache (a full V3.2 layer: 15 GB per fp32 weight) are
+    dequantized per routed expert, with the same result as the cached stacked copy."""
+    import dsv.ops.linear as linear_mod
+    import dsv.ops.moe as moe_mod
+    from dsv.ops.moe import ExpertWeights, fused_moe
+
+    g = torch.Generator().manual_seed(4)
+    e, inter, dim = 6, 128, 256
+    ws = {
+        n: [weight_quant(torch.randn(*shape, generator=g) * 0.05) for _ in range(e)]
+        for n, shape in (("w1", (inter, dim)), ("w3", (inter, dim)), ("w2", (dim, inter)))
+    }
+    kw = {n: torch.stack([q for q, _ in v]) for n, v in ws.items()}
+    kw.update({n + "_scale": torch.stack([s for _, s in v]) for n, v in ws.items()})
+    experts = ExpertWeights(**kw, act_scale_fmt="ue8m0")
+    x = torch.randn(9, dim, generator=g).to(torch.bfloat16)
+    ids = torch.tensor([[0, 2]] * 5 + [[2, 5]] * 4)
+    weights = torch.rand(9, 2, generator=g)
+    cached = fused_moe(x, weights, ids, experts)
+    monkeypatch.setattr(linear_mod, "_CACHE_LIMIT", 0)
+    monkeypatch.setattr(linear_mod, "_CACHE", {})
+    dequantized: list[tuple[int, ...]] = []
+    real = moe_mod.weight_dequant
+    monkeypatch.setattr(
+        moe_mod, "weight_dequant", lambda w, *a: dequantized.append(tuple(w.shape)) or real(w, *a)
+    )
+    assert torch.equal(fused_moe(x, weights, ids, experts), cached)
+    assert len(dequantized) == 3 * 3  # three weights of the three routed experts (0, 2, 5), nothing stacked

@@ -165,3 +165,22 @@ def test_exact_greedy_with_few_and_many_near_ties(tied):
     want = (hidden.float() @ w.float().T).argmax(-1)
     assert torch.equal(exact_greedy(hidden, w), want)
     assert (want[:8] == 50).sum() + (want[:8] == 300).sum() == 8
+
+
+def test_exact_greedy_flat_and_non_finite_rows_match_argmax():
+    """A zero hidden state (every token ties), a NaN row and an inf weight fall back to the fp32 argmax: never
+    the out-of-range id ``vocab``, never a vocabulary-sized candidate gather."""
+    from dsv.engine.greedy import exact_greedy
+
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(300, 32, generator=g) * 0.1).to(torch.bfloat16)
+    hidden = torch.randn(4, 32, generator=g).to(torch.bfloat16)
+    hidden[1] = 0.0
+    hidden[2, 3] = float("nan")
+    want = (hidden.float() @ w.float().T).argmax(-1)
+    got = exact_greedy(hidden, w)
+    assert torch.equal(got, want) and int(got.max()) < 300
+    w_inf = w.clone()
+    w_inf[7, 0] = float("inf")
+    want = (hidden.float() @ w_inf.float().T).argmax(-1)
+    assert torch.equal(exact_greedy(hidden, w_inf), want)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 #: Relative error bound of the bf16/fp16 head GEMM: it rounds its output once (unit roundoff 2^-8 for
@@ -17,10 +20,12 @@ def exact_greedy(hidden: torch.Tensor, weight: torch.Tensor, margin: float = LOW
 
     The GEMM runs in the weight's dtype (exact products, fp32 accumulation, one rounding of the output).
     Every token within the rounding margin of the best one is a candidate, and the candidates' fp32 logits
-    decide; ties go to the lowest id, as with argmax. The candidates are usually found among the top few
-    of one top-k pass; when a row has more near ties than that, the whole row is scanned.
+    decide; ties go to the lowest id, as with argmax. The candidates are found among the top few of one
+    top-k pass; a row with more near ties than that, or with non-finite logits, gets the full fp32 argmax
+    (computed in vocabulary chunks, so a flat row cannot blow up memory).
     """
-    approx = torch.nn.functional.linear(hidden.to(weight.dtype), weight)
+    with _single_rounding(weight):
+        approx = torch.nn.functional.linear(hidden.to(weight.dtype), weight)
     vocab = approx.shape[-1]
     k = min(_TOPK_CANDIDATES, vocab)
     values, ids = approx.topk(k, dim=-1)
@@ -28,14 +33,50 @@ def exact_greedy(hidden: torch.Tensor, weight: torch.Tensor, margin: float = LOW
     scale = torch.maximum(top.abs(), approx.amin(dim=-1, keepdim=True).float().abs())
     # Rounding the threshold to the weight dtype may raise it by one unit roundoff: the margin covers it.
     threshold = (top - scale * margin - 1e-6).to(weight.dtype)
-    if k == vocab or bool((values[:, -1:] < threshold).all()):
-        rows, pos = (values >= threshold).nonzero(as_tuple=True)
-        cols = ids[rows, pos]
-    else:
-        rows, cols = (approx >= threshold).nonzero(as_tuple=True)
-    exact = (hidden[rows].float() * weight[cols].float()).sum(-1)
+    inside = (values[:, -1:] < threshold).squeeze(1) | (k == vocab)  # every candidate is in the top-k
+    inside &= torch.isfinite(scale).squeeze(1)
     n = hidden.shape[0]
+    rows, pos = (values >= threshold).nonzero(as_tuple=True)
+    keep = inside[rows]
+    rows, cols = rows[keep], ids[rows[keep], pos[keep]]
+    exact = (hidden[rows].float() * weight[cols].float()).sum(-1)
     best = torch.full((n,), float("-inf"), device=hidden.device).scatter_reduce(0, rows, exact, "amax")
     winner = exact == best[rows]
     first = torch.full((n,), vocab, dtype=torch.int64, device=hidden.device)
-    return first.scatter_reduce(0, rows[winner], cols[winner], "amin")
+    tokens = first.scatter_reduce(0, rows[winner], cols[winner], "amin")
+    rest = (~inside).nonzero(as_tuple=True)[0]
+    if rest.numel():
+        tokens[rest] = _fp32_argmax(hidden[rest], weight)
+    return tokens
+
+
+def _fp32_argmax(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """argmax of ``hidden.float() @ weight.float().T`` over vocabulary chunks (first maximum wins; NaN
+    counts as the maximum, as in torch.argmax)."""
+    h = hidden.float()
+    best_val = torch.full((h.shape[0],), float("-inf"), device=h.device)
+    best_id = torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
+    for start in range(0, weight.shape[0], chunk):
+        logits = torch.nn.functional.linear(h, weight[start : start + chunk].float())
+        val, idx = logits.max(dim=-1)
+        better = (val > best_val) | (val.isnan() & ~best_val.isnan())
+        best_val = torch.where(better, val, best_val)
+        best_id = torch.where(better, idx + start, best_id)
+    return best_id
+
+
+@contextlib.contextmanager
+def _single_rounding(weight: torch.Tensor) -> Iterator[None]:
+    """cuBLAS may round split-K partial sums of a bf16/fp16 GEMM to the output dtype, which breaks the
+    one-rounding error bound the margin relies on: turn that off for the head GEMM."""
+    if weight.device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    saved = (flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction)
+    flags.allow_bf16_reduced_precision_reduction = False
+    flags.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = saved

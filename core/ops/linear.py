@@ -24,19 +24,29 @@ def _forget(key: int, nbytes: int) -> None:
         _cache_bytes -= nbytes
 
 
-def dequantized_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """fp32 copy of a block-FP8 weight [..., out, in], cached while the weight lives and is unchanged."""
+def dequantized_weight(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], *, cached_only: bool = False
+) -> torch.Tensor | None:
+    """fp32 copy of a block-FP8 weight [..., out, in], cached while the weight lives and is unchanged.
+
+    With ``cached_only`` the copy is made only if the cache can keep it; otherwise None (the caller then
+    dequantizes smaller pieces, e.g. only the routed experts).
+    """
     global _cache_bytes
     key = id(weight)
     version = weight._version + scale_inv._version
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == version:
         return hit[2]
+    old = hit[2].numel() * hit[2].element_size() if hit is not None else 0
+    nbytes = weight.numel() * 4
+    fits = _cache_bytes - old + nbytes <= _CACHE_LIMIT
+    if cached_only and not fits:
+        return None
     w = weight_dequant(weight, scale_inv, block, torch.float32)
-    nbytes = w.numel() * w.element_size()
     if hit is not None:
-        _forget(key, hit[2].numel() * hit[2].element_size())
-    if _cache_bytes + nbytes <= _CACHE_LIMIT:
+        _forget(key, old)
+    if fits:
         _CACHE[key] = (weakref.ref(weight, lambda _, k=key, n=nbytes: _forget(k, n)), version, w)
         _cache_bytes += nbytes
     return w

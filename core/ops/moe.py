@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from dsv.ops.linear import dequantized_weight
-from dsv.ops.quant import quant_roundtrip
+from dsv.ops.quant import quant_roundtrip, weight_dequant
 
 
 @dataclass
@@ -109,7 +110,7 @@ def fused_moe(
     counts = torch.bincount(flat, minlength=experts.num_experts).tolist()  # the one host sync
     tok = order // k
     fp8 = experts.w1_scale is not None
-    w1, w3, w2 = (_dense(experts, name) for name in ("w1", "w3", "w2"))
+    w1, w3, w2 = (_expert_weights(experts, name) for name in ("w1", "w3", "w2"))
     rows = x[tok]
     if fp8:
         rows = quant_roundtrip(rows, experts.block[1], experts.act_scale_fmt).float()
@@ -129,16 +130,25 @@ def fused_moe(
     return out.to(x.dtype)
 
 
-def _dense(experts: ExpertWeights, name: str) -> torch.Tensor:
-    """Stacked weights [E, out, in] to multiply with: fp32 dequantized (cached) when FP8, else as stored."""
+def _expert_weights(experts: ExpertWeights, name: str) -> Callable[[int], torch.Tensor]:
+    """Expert e's weight [out, in] to multiply with: as stored, or fp32 dequantized when FP8 (from the cached
+    stacked copy when the dequantization cache can hold it, else per routed expert on each call: a full-size
+    V3.2 layer would need 15 GB per stacked fp32 weight)."""
     w, scale = getattr(experts, name), getattr(experts, name + "_scale")
-    return w if scale is None else dequantized_weight(w, scale, experts.block)
+    if scale is None:
+        return lambda e: w[e]
+    stacked = dequantized_weight(w, scale, experts.block, cached_only=True)
+    if stacked is not None:
+        return lambda e: stacked[e]
+    return lambda e: weight_dequant(w[e], scale[e], experts.block, torch.float32)
 
 
-def _per_expert(counts: list[int], rows: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
-    """out[rows of expert e] = rows · w[e]ᵀ for the expert-sorted ``rows`` (in rows' dtype)."""
+def _per_expert(
+    counts: list[int], rows: torch.Tensor, weight: Callable[[int], torch.Tensor], out: torch.Tensor
+) -> None:
+    """out[rows of expert e] = rows · weight(e)ᵀ for the expert-sorted ``rows`` (in rows' dtype)."""
     start = 0
     for e, n in enumerate(counts):
         if n:
-            torch.mm(rows[start : start + n], w[e].to(rows.dtype).t(), out=out[start : start + n])
+            torch.mm(rows[start : start + n], weight(e).to(rows.dtype).t(), out=out[start : start + n])
             start += n

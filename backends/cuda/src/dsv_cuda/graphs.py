@@ -17,8 +17,8 @@ Constraints (why some forwards cannot be captured):
   the maximum itself), and a step replays the smallest bucket holding its longest sequence; a step past the
   maximum runs eagerly.
 - No host synchronization in the decode forward: no ``.tolist()``, ``.item()``, ``nonzero``, ``unique`` or
-  data-dependent shapes. In dsv 0.1 the reference ``fused_moe`` (``core/ops/moe.py``: ``torch.unique(ids)
-  .tolist()`` and ``nonzero``) and the deep_gemm ``fused_moe`` (padded row count) do this, so MoE models
+  data-dependent shapes. The reference ``fused_moe`` (``core/ops/moe.py``: ``torch.bincount(...).tolist()``)
+  and the deep_gemm ``fused_moe`` (padded row count) do this, so MoE models
   need a capturable fused_moe kernel (e.g. the Triton one) for graphs; attention, indexer, KV writes and
   linears of this backend are capturable.
 - Padding rows write their KV to ``pad_slot`` (default 0: page 0, which ``KVPool`` never hands out).
@@ -236,10 +236,13 @@ class DecodeGraphRunner:
                         replay, out = cuda_graph(fn, self.device, self._pool)
                 except Exception as exc:
                     first = (str(exc).strip().splitlines() or [""])[0]
+                    if isinstance(exc, torch.OutOfMemoryError):
+                        why = "the GPU ran out of memory (lower --mem-fraction-static or --cuda-graph-max-bs)"
+                    else:
+                        why = "a kernel of the decode path may synchronize with the host or fail to build"
                     raise KernelUnavailable(
-                        f"capturing the decode forward for batch size {bs} (context {ctx}) failed "
-                        f"({type(exc).__name__}: {first}); "
-                        "a kernel of the decode path probably synchronizes with the host. "
+                        f"capturing the decode forward for batch size {bs} (context {ctx}) failed with "
+                        f"{type(exc).__name__}: {first}; {why}. "
                         "Run with --disable-cuda-graph to decode eagerly"
                     ) from exc
                 self.graphs[(bs, ctx)] = _Graph(replay, out)

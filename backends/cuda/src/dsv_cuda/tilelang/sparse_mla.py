@@ -60,6 +60,10 @@ class Plan:
     splits: int
 
 
+#: Q and Out offsets are int32 in the kernel.
+_INT32_ELEMENTS = 2**31 - 1
+
+
 def check_args(q: torch.Tensor, cache: MLACacheLayer, indices: torch.Tensor) -> None:
     """Refuse what the kernel does not do, with the reason and what would work instead."""
     if cache.layout != "float":
@@ -84,6 +88,10 @@ def check_args(q: torch.Tensor, cache: MLACacheLayer, indices: torch.Tensor) -> 
         )
     if q.device.type != "cuda":
         raise KernelUnavailable(f"tilelang sparse MLA runs on CUDA tensors, got {q.device}")
+    if indices.device != q.device or cache.storage.device != q.device:
+        raise ValueError(
+            f"q ({q.device}), indices ({indices.device}) and the cache ({cache.storage.device}) must share a device"
+        )
 
 
 def plan(
@@ -238,6 +246,19 @@ def sparse_mla(
         return torch.zeros(t, h, r, dtype=q.dtype, device=q.device)
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     tiles = tiles or DEFAULT_TILES
+    # Q and Out are addressed with int32 offsets (token * heads * width): very long prefill chunks run in
+    # pieces that stay below 2^31 elements.
+    heads = -(-h // tiles.block_h) * tiles.block_h
+    most = _INT32_ELEMENTS // (heads * q.shape[-1])
+    if t > most:
+        return torch.cat(
+            [
+                sparse_mla(
+                    q[s : s + most], cache, indices[s : s + most], sm_scale, splits=splits, tiles=tiles
+                )
+                for s in range(0, t, most)
+            ]
+        )
     p = plan(t, h, indices.shape[1], _sm_count(index), splits, tiles.block_i, tiles.block_h)
     out = _run_kernel(q, cache, indices, sm_scale, p, tiles)
     return out[:, :h].to(q.dtype)
