@@ -11,7 +11,7 @@ from dsv.backend.interface import OpTable
 from dsv.config import ModelConfig
 from dsv.model.layers import Linear, RMSNorm
 from dsv.ops.kv_cache import IndexKCacheLayer, MLACacheLayer
-from dsv.ops.metadata import AttentionMetadata, positions_to_slots, sequence_slots
+from dsv.ops.metadata import AttentionMetadata, positions_to_slots, used_slots
 from dsv.ops.norm import hadamard_rotate, layer_norm
 from dsv.ops.quant import act_quant
 from dsv.ops.rope import apply_rope_interleaved, apply_rope_neox
@@ -151,9 +151,7 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """Per-head ("MHA") form: expand every cached latent of the batch's sequences through kv_b_proj."""
         seq_lens = meta.seq_lens.tolist()
-        slots = sequence_slots(meta)
-        key_slots = torch.cat([slots[b, :n] for b, n in enumerate(seq_lens)])
-        rows = cache.read_rows(key_slots).to(q_nope.dtype)
+        rows = cache.read_rows(used_slots(meta)).to(q_nope.dtype)
         kv = self.kv_b_proj(rows[:, : self.rank], ops).view(-1, self.n_heads, self.nope + self.v_dim)
         k_pe = rows[:, None, self.rank :].expand(-1, self.n_heads, -1)
         k = torch.cat([kv[..., : self.nope], k_pe], dim=-1)

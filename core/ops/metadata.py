@@ -83,3 +83,9 @@ def sequence_slots(meta: AttentionMetadata, max_len: int | None = None) -> torch
     pos = torch.arange(max_len, device=meta.block_table.device)
     pages = meta.block_table.long()[:, pos // meta.page_size]
     return pages * meta.page_size + (pos % meta.page_size)[None, :]
+
+
+def used_slots(meta: AttentionMetadata) -> torch.Tensor:
+    """Global slots [N] of every position 0..seq_len-1 of every sequence of ``meta``, sequence by sequence."""
+    slots = sequence_slots(meta)
+    return torch.cat([slots[b, :n] for b, n in enumerate(meta.seq_lens.tolist())])

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from dsv.ops.kv_cache import IndexKCacheLayer, MLACacheLayer
-from dsv.ops.metadata import AttentionMetadata, sequence_slots
+from dsv.ops.metadata import AttentionMetadata, used_slots
 from dsv.ops.quant import unpack_fp8_kv
 from dsv.testing.case import Case, Inputs, Needs
 from dsv.testing.checks import QuantizedClose
@@ -16,12 +16,6 @@ from dsv.testing.checks import QuantizedClose
 # DeepSeek-V3.2's attention dimensions: kernels are specialized for them, so the grid uses them.
 KV_RANK, ROPE_DIM = 512, 64
 INDEX_HEADS, INDEX_DIM = 64, 128
-
-
-def used_slots(meta: AttentionMetadata) -> torch.Tensor:
-    """Global slots [N] of every position 0..seq_len-1 of every sequence of ``meta``."""
-    slots = sequence_slots(meta)
-    return torch.cat([slots[b, :n] for b, n in enumerate(meta.seq_lens.tolist())])
 
 
 def mla_cache(inp: Inputs, num_pages: int, page_size: int, layout: str, device: str) -> MLACacheLayer:
