@@ -46,6 +46,7 @@ import torch  # noqa: E402
 
 from dsv.backend.reference import REFERENCE_OPS  # noqa: E402
 from dsv.engine.batch import SeqChunk, build_metadata  # noqa: E402
+from dsv.model.default_model import DEFAULT_MODEL_CONFIG  # noqa: E402
 from dsv.ops.kv_cache import IndexKCacheLayer, MLACacheLayer  # noqa: E402
 from dsv.ops.moe import ExpertWeights  # noqa: E402
 from dsv.ops.quant import act_quant, weight_quant  # noqa: E402
@@ -321,36 +322,15 @@ def check_kernels(backend, only: set[str] | None, iters: int) -> None:
 
 # ----- decode CUDA graphs -----
 
-GRAPH_MODEL = {
-    "model_type": "deepseek_v32",
-    "vocab_size": 1000,
-    "hidden_size": 256,
-    "intermediate_size": 512,
-    "moe_intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "first_k_dense_replace": 2,  # dense only: the reference fused_moe cannot be captured (host sync)
-    "num_attention_heads": 4,
-    "q_lora_rank": 128,
-    "kv_lora_rank": 128,
-    "qk_nope_head_dim": 32,
-    "qk_rope_head_dim": 32,
-    "v_head_dim": 32,
-    "n_routed_experts": 8,
-    "num_experts_per_tok": 2,
-    "n_group": 2,
-    "topk_group": 1,
-    "index_n_heads": 4,
-    "index_head_dim": 64,
-    "index_topk": 32,
-    "num_nextn_predict_layers": 0,
-    "max_position_embeddings": 4096,
-    "quantization_config": {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "weight_block_size": [128, 128],
-        "scale_fmt": "ue8m0",
-    },
-}
+#: The embedded default model's architecture, dense only (the reference fused_moe cannot be captured: host
+#: sync), two layers, a small vocabulary and no MTP layer.
+GRAPH_MODEL = dict(
+    DEFAULT_MODEL_CONFIG,
+    vocab_size=1000,
+    num_hidden_layers=2,
+    first_k_dense_replace=2,
+    num_nextn_predict_layers=0,
+)
 
 
 def random_model(cfg_dict: dict):
