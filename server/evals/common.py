@@ -104,6 +104,26 @@ def chat_all(
     return results, time.perf_counter() - start
 
 
+def run_stats(results: Sequence[ChatResult], latency: float) -> dict[str, Any]:
+    """The summary fields every eval reports about the run itself: latency, tokens, throughput, errors."""
+    out_tokens = sum(r.completion_tokens for r in results)
+    return {
+        "latency_s": latency,
+        "output_tokens": out_tokens,
+        "output_throughput": out_tokens / max(latency, 1e-9),
+        "errors": sum(bool(r.error) for r in results),
+    }
+
+
+def print_run_stats(summary: dict[str, Any], failed_as: str) -> None:
+    """Print the invalid share and the run statistics; failed requests are scored as ``failed_as``."""
+    print(f"Invalid: {summary['invalid']:.3f}")
+    print(f"Latency: {summary['latency_s']:.3f} s")
+    print(f"Output throughput: {summary['output_throughput']:.3f} token/s")
+    if summary["errors"]:
+        print(f"Failed requests: {summary['errors']} (counted as {failed_as})")
+
+
 def write_result(path: str | None, record: dict[str, Any]) -> None:
     """Append ``record`` as one JSON line (several runs can share a file, as in sglang's result files)."""
     if path:

@@ -16,7 +16,15 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsv.server.evals.common import Message, add_client_arguments, chat_all, sample_path, write_result
+from dsv.server.evals.common import (
+    Message,
+    add_client_arguments,
+    chat_all,
+    print_run_stats,
+    run_stats,
+    sample_path,
+    write_result,
+)
 
 SAMPLE_FILE = "gpqa_sample.csv"
 LETTERS = "ABCD"
@@ -116,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
     hits = [p == ex.correct for p, ex in zip(picks, flat)]
     n = len(rows)
     scores = [sum(hits[i * n : (i + 1) * n]) / n for i in range(args.repeat)]
-    out_tokens = sum(r.completion_tokens for r in results)
     summary = {
         "task": "gpqa",
         "num_examples": n,
@@ -126,16 +133,9 @@ def run(args: argparse.Namespace) -> int:
         "scores": scores,
         "std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
         "invalid": sum(p is None for p in picks) / len(flat),
-        "latency_s": latency,
-        "output_tokens": out_tokens,
-        "output_throughput": out_tokens / max(latency, 1e-9),
-        "errors": sum(bool(r.error) for r in results),
+        **run_stats(results, latency),
     }
     print(f"Score: {summary['score']:.3f} (repeats: {', '.join(f'{s:.3f}' for s in scores)})")
-    print(f"Invalid: {summary['invalid']:.3f}")
-    print(f"Latency: {latency:.3f} s")
-    print(f"Output throughput: {summary['output_throughput']:.3f} token/s")
-    if summary["errors"]:
-        print(f"Failed requests: {summary['errors']} (counted as wrong)")
+    print_run_stats(summary, "wrong")
     write_result(args.output_file, summary)
     return 0

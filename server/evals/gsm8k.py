@@ -14,7 +14,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dsv.server.evals.common import Message, add_client_arguments, chat_all, sample_path, write_result
+from dsv.server.evals.common import (
+    Message,
+    add_client_arguments,
+    chat_all,
+    print_run_stats,
+    run_stats,
+    sample_path,
+    write_result,
+)
 
 SAMPLE_FILE = "gsm8k_sample.jsonl"
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -82,23 +90,15 @@ def run(args: argparse.Namespace) -> int:
     preds = [extract_number(r.text) for r in results]
     correct = sum(p is not None and abs(p - y) < 1e-6 for p, y in zip(preds, labels))
     invalid = sum(p is None for p in preds)
-    out_tokens = sum(r.completion_tokens for r in results)
     summary = {
         "task": "gsm8k",
         "num_questions": len(items),
         "num_shots": len(shots),
         "accuracy": correct / len(items),
         "invalid": invalid / len(items),
-        "latency_s": latency,
-        "output_tokens": out_tokens,
-        "output_throughput": out_tokens / max(latency, 1e-9),
-        "errors": sum(bool(r.error) for r in results),
+        **run_stats(results, latency),
     }
     print(f"Accuracy: {summary['accuracy']:.3f}")
-    print(f"Invalid: {summary['invalid']:.3f}")
-    print(f"Latency: {latency:.3f} s")
-    print(f"Output throughput: {summary['output_throughput']:.3f} token/s")
-    if summary["errors"]:
-        print(f"Failed requests: {summary['errors']} (counted as invalid)")
+    print_run_stats(summary, "invalid")
     write_result(args.output_file, summary)
     return 0
