@@ -142,4 +142,4 @@ class IndexKCacheLayer:
         if not self.quantized:
             return keys.float()
         scales = self.scales[pages].reshape(b, -1)[:, :length]
-        return keys.float() * scales.unsqueeze(-1)
+        return act_dequant(keys, scales.unsqueeze(-1), self.head_dim)
