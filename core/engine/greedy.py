@@ -1,4 +1,5 @@
-"""Exact greedy tokens from a low-precision lm_head: the fp32 argmax at about the bf16 GEMM's cost."""
+"""Exact greedy tokens from a low-precision lm_head: the fp32 argmax at about the cost of a bf16 (or, on the
+CPU, int8) GEMM."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+from dsv.engine.int8_screen import Candidates, Int8Screen
 
 #: Relative error bound of the bf16/fp16 head GEMM: it rounds its output once (unit roundoff 2^-8 for
 #: bf16), so two logits' errors add up to < 2^-7 of the largest magnitude; 2^-6 also covers the rounding of
@@ -15,15 +18,38 @@ LOWP_MARGIN = 2.0**-6
 _TOPK_CANDIDATES = 8
 
 
-def exact_greedy(hidden: torch.Tensor, weight: torch.Tensor, margin: float = LOWP_MARGIN) -> torch.Tensor:
+def exact_greedy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    margin: float = LOWP_MARGIN,
+    *,
+    screen: Int8Screen | None = None,
+    weight_fp32: torch.Tensor | None = None,
+) -> torch.Tensor:
     """argmax [N] of the fp32 logits ``hidden.float() @ weight.float().T`` for a bf16/fp16 ``weight``.
 
-    The GEMM runs in the weight's dtype (exact products, fp32 accumulation, one rounding of the output).
-    Every token within the rounding margin of the best one is a candidate, and the candidates' fp32 logits
-    decide; ties go to the lowest id, as with argmax. The candidates are found among the top few of one
-    top-k pass; a row with more near ties than that, or with non-finite logits, gets the full fp32 argmax
-    (computed in vocabulary chunks, so a flat row cannot blow up memory).
+    Candidates come from a cheap pass with a proven error bound: the int8 ``screen`` when given (CPU), else
+    the GEMM in the weight's dtype (exact products, fp32 accumulation, one rounding of the output) and one
+    top-k pass. The candidates' fp32 logits decide; ties go to the lowest id, as with argmax. A row with more
+    near ties than the pass holds, or with non-finite values, gets the full fp32 argmax (in vocabulary chunks,
+    so a flat row cannot blow up memory; over ``weight_fp32`` when the caller keeps an fp32 copy).
     """
+    picked = screen.candidates(hidden) if screen is not None else _lowp_candidates(hidden, weight, margin)
+    rows, cols = picked.rows, picked.cols
+    n = hidden.shape[0]
+    exact = (hidden[rows].float() * weight[cols].float()).sum(-1)
+    best = torch.full((n,), float("-inf"), device=hidden.device).scatter_reduce(0, rows, exact, "amax")
+    winner = exact == best[rows]
+    first = torch.full((n,), weight.shape[0], dtype=torch.int64, device=hidden.device)
+    tokens = first.scatter_reduce(0, rows[winner], cols[winner], "amin")
+    rest = (~picked.inside).nonzero(as_tuple=True)[0]
+    if rest.numel():
+        tokens[rest] = _fp32_argmax(hidden[rest], weight if weight_fp32 is None else weight_fp32)
+    return tokens
+
+
+def _lowp_candidates(hidden: torch.Tensor, weight: torch.Tensor, margin: float) -> Candidates:
+    """Tokens within the rounding margin of each row's best bf16/fp16 logit, found among its top few."""
     with _single_rounding(weight):
         approx = torch.nn.functional.linear(hidden.to(weight.dtype), weight)
     vocab = approx.shape[-1]
@@ -35,19 +61,9 @@ def exact_greedy(hidden: torch.Tensor, weight: torch.Tensor, margin: float = LOW
     threshold = (top - scale * margin - 1e-6).to(weight.dtype)
     inside = (values[:, -1:] < threshold).squeeze(1) | (k == vocab)  # every candidate is in the top-k
     inside &= torch.isfinite(scale).squeeze(1)
-    n = hidden.shape[0]
     rows, pos = (values >= threshold).nonzero(as_tuple=True)
     keep = inside[rows]
-    rows, cols = rows[keep], ids[rows[keep], pos[keep]]
-    exact = (hidden[rows].float() * weight[cols].float()).sum(-1)
-    best = torch.full((n,), float("-inf"), device=hidden.device).scatter_reduce(0, rows, exact, "amax")
-    winner = exact == best[rows]
-    first = torch.full((n,), vocab, dtype=torch.int64, device=hidden.device)
-    tokens = first.scatter_reduce(0, rows[winner], cols[winner], "amin")
-    rest = (~inside).nonzero(as_tuple=True)[0]
-    if rest.numel():
-        tokens[rest] = _fp32_argmax(hidden[rest], weight)
-    return tokens
+    return Candidates(rows[keep], ids[rows[keep], pos[keep]], inside)
 
 
 def _fp32_argmax(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 16384) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from dsv.backend.interface import DecodeRunner, OpTable
 from dsv.engine.batch import SeqChunk, build_metadata
 from dsv.engine.greedy import exact_greedy
+from dsv.engine.int8_screen import Int8Screen
 from dsv.engine.kv_pool import KVPool
 from dsv.engine.request import Request
 from dsv.engine.sampler import Sampler, SampleRow, TopLogprobs
@@ -52,6 +53,8 @@ class ModelRunner:
         self._head = w if w.dtype == torch.float32 else None
         if self._head is None and w.numel() * 4 <= _HEAD_CACHE_BYTES:
             self._head = w.float()
+        # CPU: the int8 screen halves the head's bytes and replaces the vocabulary-wide top-k (exact_greedy).
+        self._screen = Int8Screen.build(w) if self._lowp and w.device.type == "cpu" else None
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
@@ -102,8 +105,9 @@ class ModelRunner:
         return torch.nn.functional.linear(hidden.float(), self._head)
 
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
-        """argmax [N] of the fp32 logits of a bf16/fp16 model, at about the bf16 GEMM's cost (exact_greedy)."""
-        return exact_greedy(hidden, self._weight)
+        """argmax [N] of the fp32 logits of a bf16/fp16 model, at about one low-precision GEMM's cost."""
+        head32 = self._head if self._head is not self._weight else None
+        return exact_greedy(hidden, self._weight, screen=self._screen, weight_fp32=head32)
 
 
 def _plain_greedy(req: Request) -> bool:

@@ -1,0 +1,119 @@
+"""A CPU candidate filter for exact greedy decoding: the lm_head GEMM in int8, with a proven error bound.
+
+On a CPU the greedy head is bound by reading the bf16 weight (66 MB for 129280 x 256 per step) and by
+top-k over the [N, vocab] logits. An int8 copy halves the bytes and ``torch._int_mm`` computes the int8 dot
+products exactly (int32 sums), so the only error of the screen is the quantization of the hidden state and
+of the weight, and both are bounded here with norms:
+
+    |h·w_v - s_h s_w (q_h·q_v)| <= ||h - s_h q_h|| ||w_v|| + ||s_h q_h|| ||w_v - s_w q_v||
+                                <= e_h N + ||ĥ|| R          (N, R: the largest row norms, precomputed)
+
+The screen's own best token is scored in fp32 first; any token whose screened logit is more than that bound
+(plus the fp32 rounding of the scores) below this score cannot be the fp32 argmax, so only the tokens above
+the cut are re-scored in fp32. The result is the same token as the full fp32 argmax, not an approximation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_QMAX = 127
+#: Candidate chunks one row may hit before it is sent to the full fp32 scan (near-flat logits).
+_MAX_CHUNKS_PER_ROW = 64
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Tokens to re-score: ``(rows[i], cols[i])`` pairs, and which rows the pairs cover (the others need the
+    full scan)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    inside: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Int8Screen:
+    """A per-tensor int8 copy of a [vocab, K] head weight and the norms that bound its error."""
+
+    weight: torch.Tensor  # the float head weight [vocab, K] (not a copy): pass 1 scores with it
+    weight_t: torch.Tensor  # [K, vocab] int8, the layout torch._int_mm takes
+    scale: float  # s_w: weight ≈ scale * q
+    resid: float  # R = max_v ||w_v - scale q_v||_2
+    norm: float  # N = max_v ||w_v||_2
+    chunk: int  # vocabulary chunk whose maxima locate the candidates
+
+    @classmethod
+    def build(cls, weight: torch.Tensor, rows_per_pass: int = 16384) -> Int8Screen | None:
+        """The screen of a float ``weight``, or None where it does not apply (not on the CPU, no int8 GEMM
+        in this torch, non-finite or all-zero weights)."""
+        if weight.device.type != "cpu" or weight.dim() != 2 or not hasattr(torch, "_int_mm"):
+            return None
+        amax = float(weight.abs().max()) if weight.numel() else 0.0
+        if not math.isfinite(amax) or amax == 0.0:
+            return None
+        scale = amax / _QMAX
+        q = torch.empty(weight.shape, dtype=torch.int8)
+        resid = norm = 0.0
+        for start in range(0, weight.shape[0], rows_per_pass):  # fp64 bounds without a full fp64 copy
+            w = weight[start : start + rows_per_pass].double()
+            qw = torch.round(w / scale).clamp_(-_QMAX, _QMAX)
+            q[start : start + rows_per_pass] = qw.to(torch.int8)
+            resid = max(resid, float((w - qw * scale).norm(dim=1).max()))
+            norm = max(norm, float(w.norm(dim=1).max()))
+        try:
+            torch._int_mm(torch.zeros(1, weight.shape[1], dtype=torch.int8), q[:1].t())
+        except RuntimeError:  # an int8 GEMM this build cannot run on the CPU
+            return None
+        return cls(weight, q.t(), scale, resid, norm, math.gcd(weight.shape[0], 128))
+
+    def candidates(self, hidden: torch.Tensor) -> Candidates:
+        """Every token of each row that may be its fp32 argmax (see the module docstring for the bound)."""
+        n, k = hidden.shape
+        h = hidden.double()
+        s_h = h.abs().amax(dim=1) / _QMAX
+        ok = torch.isfinite(s_h) & (s_h > 0)
+        safe = torch.where(ok, s_h, torch.ones_like(s_h))
+        hq = torch.round(h / safe[:, None]).clamp_(-_QMAX, _QMAX).nan_to_num_(0.0)
+        h_hat = hq * safe[:, None]
+        # |h·w_v - s_h s_w (q_h·q_v)| <= the quantization bound for every token v; an fp32 score (exact
+        # products, K additions in any order) is within eps = gamma_K |h| N of h·w_v. The cut below compares
+        # a decision score with pass 1's score of another token, each computed once: 3 eps cover both.
+        gamma = k * 2.0**-24 / (1 - k * 2.0**-24)
+        quant = (h - h_hat).norm(dim=1) * self.norm + h_hat.norm(dim=1) * self.resid
+        slack = (quant + 3 * gamma * h.norm(dim=1) * self.norm) * (1 + 2.0**-20)
+        unit = safe * self.scale
+        screened = torch._int_mm(hq.to(torch.int8), self.weight_t)  # [n, vocab] exact int32 dots
+        vocab = screened.shape[1]
+        chunk_max = screened.view(n, vocab // self.chunk, self.chunk).amax(dim=-1)
+        best = chunk_max.amax(dim=-1)
+        # Pass 1: the fp32 score of the screen's own argmax is a score the winner must reach; any token whose
+        # screened score is more than `slack` below it cannot (its fp32 score is below that score).
+        rows, cols = self._gather(screened, chunk_max, best.long(), ok)
+        first = self._score(hidden, rows, cols, n)
+        cut = torch.floor((first - slack) / unit) - 1
+        ok &= torch.isfinite(cut) & (cut > -(2**31))
+        # Pass 2: every token at or above that cut.
+        threshold = torch.where(ok, cut, best.double()).long()
+        hits = (chunk_max >= threshold[:, None]).sum(dim=1)
+        ok &= hits <= _MAX_CHUNKS_PER_ROW
+        rows, cols = self._gather(screened, chunk_max, threshold, ok)
+        return Candidates(rows, cols, ok)
+
+    def _gather(
+        self, screened: torch.Tensor, chunk_max: torch.Tensor, threshold: torch.Tensor, ok: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, token) pairs of the ``ok`` rows whose screened score is >= the row's threshold, found through
+        the chunks whose maximum reaches it."""
+        hit_rows, hit_chunks = ((chunk_max >= threshold[:, None]) & ok[:, None]).nonzero(as_tuple=True)
+        cols = hit_chunks[:, None] * self.chunk + torch.arange(self.chunk)
+        pair, lane = (screened[hit_rows[:, None], cols] >= threshold[hit_rows, None]).nonzero(as_tuple=True)
+        return hit_rows[pair], cols[pair, lane]
+
+    def _score(self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n: int) -> torch.Tensor:
+        """Per row, the largest fp32 score among its (row, token) pairs (-inf for rows without pairs), in fp64."""
+        exact = (hidden[rows].float() * self.weight[cols].float()).sum(-1).double()
+        return torch.full((n,), float("-inf"), dtype=torch.float64).scatter_reduce(0, rows, exact, "amax")
