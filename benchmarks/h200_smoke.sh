@@ -6,7 +6,7 @@ set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export DSV_CACHE_DIR=/tmp/dsvc HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/base/*.whl && export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . -e backends/cuda > "$OUT/install.txt" 2>&1
 log() { echo "== $*" | tee -a "$OUT/smoke.txt"; }
 run() { log "$*"; timeout 120 "$@" >> "$OUT/smoke.txt" 2>&1; echo "rc=$?" >> "$OUT/smoke.txt"; }
