@@ -67,5 +67,5 @@ def linear(
     """
     if scale_inv is None:
         return torch.nn.functional.linear(x, weight.to(x.dtype))
-    xq = quant_roundtrip(x, block[1], act_scale_fmt).float()
+    xq = quant_roundtrip(x, block[1], act_scale_fmt, torch.float32)
     return torch.nn.functional.linear(xq, dequantized_weight(weight, scale_inv, block)).to(x.dtype)

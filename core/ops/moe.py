@@ -113,7 +113,7 @@ def fused_moe(
     w1, w3, w2 = (_expert_weights(experts, name) for name in ("w1", "w3", "w2"))
     rows = x[tok]
     if fp8:
-        rows = quant_roundtrip(rows, experts.block[1], experts.act_scale_fmt).float()
+        rows = quant_roundtrip(rows, experts.block[1], experts.act_scale_fmt, torch.float32)
     inter, dim = experts.w1.shape[1], experts.w2.shape[1]
     gate = rows.new_empty(rows.shape[0], inter)
     up = rows.new_empty(rows.shape[0], inter)
@@ -121,7 +121,7 @@ def fused_moe(
     _per_expert(counts, rows, w3, up)
     h = (torch.nn.functional.silu(gate.to(x.dtype).float()) * up.to(x.dtype).float()).to(x.dtype)
     if fp8:
-        h = quant_roundtrip(h, experts.block[1], experts.act_scale_fmt).float()
+        h = quant_roundtrip(h, experts.block[1], experts.act_scale_fmt, torch.float32)
     y = h.new_empty(h.shape[0], dim)
     _per_expert(counts, h, w2, y)
     contrib = y.to(x.dtype).float() * weights.reshape(-1)[order, None].float()
