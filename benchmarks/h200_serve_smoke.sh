@@ -1,6 +1,6 @@
 set -u; OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 export DSV_CACHE_DIR=/tmp/dsvc HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl 2>/dev/null && export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/base/*.whl 2>/dev/null && export PYTHONPATH=/tmp/site
 python3 -m pip install -q --no-deps --no-build-isolation -e . -e backends/cuda > $OUT/install.txt 2>&1
 dsv serve --device cuda --port 30000 > $OUT/serve.txt 2>&1 & pid=$!
 for _ in $(seq 90); do curl -sf localhost:30000/health >/dev/null && break; sleep 1; done

@@ -90,6 +90,28 @@ def _moe_weights(dev: str, experts: int, inter: int, hidden: int):
     return ex
 
 
+def moe_sweep_cases() -> list[Case]:
+    """Tile variants of the Triton fused MoE at prefill sizes (``--sweep``): 32K and 65K routed rows."""
+    from dsv.kernels.triton.fused_moe import fused_moe
+
+    cases = []
+    for t in (4096, 8192):
+        case = moe_case("sweep fused_moe", f"T{t}", f"T{t}", t, 256, 8, 2048, 7168, "")
+        case.extras = {}
+        for bm, bn, w, st in [
+            (64, 64, 4, 3),
+            (64, 128, 4, 3),
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (64, 128, 8, 4),
+        ]:
+            kw = {"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st}
+            case.extras[f"m{bm} n{bn} w{w} s{st}"] = lambda a, kw=kw: lambda: fused_moe(*a, **kw)
+        case.table = False
+        cases.append(case)
+    return cases
+
+
 def release_moe(case: Case, nxt: Case | None) -> None:
     """Free the MoE weights and the grouped-GEMM kernels' prepared copies once the MoE family is done."""
     if case.op == "fused_moe" and (nxt is None or nxt.op != "fused_moe"):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .cases_moe import release_moe
+from .cases_moe import moe_sweep_cases, release_moe
 from .report import print_row, write_json
 from .runner import Options, run_case
 from .suite import plan, sweep_cases
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         op: {k.name: {"available": k.available, "reason": k.reason} for k in ks} for op, ks in table.items()
     }
     only = [s for s in args.only.split(",") if s]
-    cases = plan(args.quick, args.smoke) + (sweep_cases() if args.sweep else [])
+    cases = plan(args.quick, args.smoke) + (sweep_cases() + moe_sweep_cases() if args.sweep else [])
     cases = [c for c in cases if not only or any(s in f"{c.family} {c.name}" for s in only)]
     opts = Options(rep, args.graphs, args.profile)
     rows: list[dict[str, Any]] = []

@@ -164,6 +164,8 @@ def _moe_gemm(
     experts: ExpertWeights,
     block_m: int,
     block_n: int,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> None:
     fp8 = w_scale is not None
     block = experts.block
@@ -217,8 +219,8 @@ def _moe_gemm(
         FP8_MAX=fp8_dtype_max(out.dtype) if quant_out else 448.0,
         UE8M0=experts.act_scale_fmt == "ue8m0",
         EXACT_E4M3FN=exact,
-        num_warps=4,
-        num_stages=3,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
 
 
@@ -230,12 +232,17 @@ def fused_moe(
     *,
     block_m: int | None = None,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Triton twin of :func:`dsv.ops.moe.fused_moe`: sum_i weights[t, i] * Expert_{ids[t, i]}(x[t]).
 
     Args:
         x: [T, D] activations; weights: [T, top_k] routing weights; ids: [T, top_k] expert ids.
         experts: stacked w1/w3 [E, I, D] and w2 [E, D, I], FP8 with block scales or float.
+
+    ``block_m`` (default: 16 up to 512 routed rows, else 64), ``block_n`` (the down GEMM's; gate/up use one
+    128-wide scale group), ``num_warps`` and ``num_stages`` set the tiling only (same math).
 
     Returns:
         [T, D] in x's dtype (the top-k contributions are summed in fp32).
@@ -253,7 +260,18 @@ def fused_moe(
     route = weights.reshape(-1).float().contiguous()
     p = sorted_ids.numel()
     y = torch.empty(t * top_k, d, dtype=torch.float32, device=x.device)  # every pair is written once
-    common = (sorted_ids, block_expert, route, top_k, x.dtype, experts, block_m, block_n)
+    common = (
+        sorted_ids,
+        block_expert,
+        route,
+        top_k,
+        x.dtype,
+        experts,
+        block_m,
+        block_n,
+        num_warps,
+        num_stages,
+    )
     if fp8:
         group = experts.block[1]
         xq, xs = act_quant(x, group, experts.act_scale_fmt, experts.w1.dtype)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call on the lent H200 for issue #7's figures: installs TileLang and dsv (no network there: the
+# wheels are carried in .whl/tilelang and .whl/base; z3-solver must already be in /tmp/z3site from an earlier
+# call of the same lease, see docs/benchmarks.md), then runs the steps in $STEPS (default all) with results in $OUT:
+#   kernels  benchmarks/kernels.py (every family, JSON)        slice  slice_v32.py at 128K x B32, DSA vs dense
+#   ncu      Nsight Compute on the target kernels (CSV)         indexer  kernels.py --only indexer
+#   moe      the Triton fused-MoE tile sweep at 32K / 65K routed rows
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 DSV_CACHE_DIR=/tmp/dsvc HF_HUB_OFFLINE=1
+export LD_LIBRARY_PATH=/tmp/z3site/z3/lib:${LD_LIBRARY_PATH:-}
+pip install -q --no-compile --target /tmp/tl .whl/tilelang/*.whl > "$OUT/install.txt" 2>&1
+pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/base/*.whl >> "$OUT/install.txt" 2>&1
+export PYTHONPATH=/tmp/tl:/tmp/site:/tmp/z3site
+python3 -m pip install -q --no-deps --no-build-isolation -e . -e backends/cuda >> "$OUT/install.txt" 2>&1
+STEPS=",${STEPS:-kernels,slice,moe,ncu},"
+step() { case "$STEPS" in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+if step indexer; then
+  timeout 200 python3 benchmarks/kernels.py --only indexer --out "$OUT/indexer.json" > "$OUT/indexer.txt" 2>&1
+fi
+if step kernels; then
+  timeout 330 python3 benchmarks/kernels.py --budget-s 270 --out "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1
+fi
+if step slice; then
+  timeout 330 python3 benchmarks/slice_v32.py --batches 32 --contexts 131072 --modes dsa,dense \
+    --kv-cache-dtype bf16,fp8_e4m3 --time-budget-s 240 --out "$OUT/slice.json" > "$OUT/slice.txt" 2>&1
+fi
+if step moe; then
+  timeout 240 python3 benchmarks/kernels.py --sweep --only "sweep fused_moe" --out "$OUT/moe_sweep.json" \
+    > "$OUT/moe_sweep.txt" 2>&1
+fi
+if step ncu; then
+  timeout 300 ncu --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
+    --csv --page details python3 benchmarks/ncu_targets.py > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+fi
+for f in indexer kernels slice moe_sweep; do [ -f "$OUT/$f.txt" ] && tail -n 40 "$OUT/$f.txt"; done
+grep -E "^(profiled|failed|skipped)" "$OUT/ncu.csv" 2>/dev/null | head -30
