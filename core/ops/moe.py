@@ -111,7 +111,7 @@ def fused_moe(
     tok = order // k
     fp8 = experts.w1_scale is not None
     w1, w3, w2 = (_expert_weights(experts, name) for name in ("w1", "w3", "w2"))
-    rows = x[tok]
+    rows = x.index_select(0, tok)
     if fp8:
         rows = quant_roundtrip(rows, experts.block[1], experts.act_scale_fmt, torch.float32)
     inter, dim = experts.w1.shape[1], experts.w2.shape[1]
