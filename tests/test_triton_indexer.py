@@ -63,7 +63,9 @@ def _query(meta: AttentionMetadata, quantized: bool, dtype: torch.dtype | str, h
     return q, torch.rand(meta.num_tokens, h, generator=gen) * h**-0.5
 
 
-def _check_topk(got: torch.Tensor, want: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor) -> None:
+def _check_topk(
+    got: torch.Tensor, want: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, tol: float = 1e-5
+) -> None:
     got = got.cpu()
     assert got.shape == want.shape and got.dtype == torch.int32
     assert torch.equal((got >= 0).sum(1), (want >= 0).sum(1)), "different numbers of valid entries"
@@ -75,7 +77,7 @@ def _check_topk(got: torch.Tensor, want: torch.Tensor, scores: torch.Tensor, pos
         assert g.unique().numel() == g.numel(), f"row {t} has duplicates"
         assert int(g.max()) <= int(positions[t]), f"row {t} selects an invisible key"
         diff = (scores[t, g].sort().values - scores[t, w].sort().values).abs().max()
-        assert diff <= 1e-5 * scores[t, w].abs().max(), f"row {t}: chosen scores differ by {diff}"
+        assert diff <= tol * scores[t, w].abs().max(), f"row {t}: chosen scores differ by {diff}"
 
 
 @pytest.mark.parametrize(
@@ -96,13 +98,16 @@ def test_indexer_matches_reference(page: int, quantized: bool, qdtype: torch.dty
     got_logits = indexer_logits(q.to(DEVICE), w.to(DEVICE), dev, dmeta).cpu()
     inf = torch.isinf(want_logits)
     assert torch.equal(torch.isinf(got_logits), inf) and (got_logits[inf] < 0).all()
+    # Compiled for Hopper, an FP8 dot with 64+ keys runs on wgmma, whose FP8 accumulation keeps fewer bits than
+    # fp32 (H200: 8e-5 of max here, 1.2e-4 at 64 heads x 128 dims, as the earlier heads-as-M kernel had there).
+    tol = 5e-4 if qdtype == "fp8" and DEVICE == "cuda" else 1e-5
     err = (got_logits[~inf] - want_logits[~inf]).abs().max().item()
-    assert err <= 1e-5 * want_logits[~inf].abs().max().item()
+    assert err <= tol * want_logits[~inf].abs().max().item()
     # 8: fewer than most rows' keys; 64: more than the short rows have; 256: more than any row (all -1 padded)
     for topk in (8, 64, 256):
         want = ref.indexer_topk(q, w, cache, meta, topk)
         got = indexer_topk(q.to(DEVICE), w.to(DEVICE), dev, dmeta, topk, topk_impl="triton")
-        _check_topk(got, want, want_logits, meta.positions)
+        _check_topk(got, want, want_logits, meta.positions, tol)
 
 
 @pytest.mark.parametrize("impl", ["torch", "auto"])

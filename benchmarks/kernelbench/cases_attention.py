@@ -58,7 +58,9 @@ def sparse_mla_case(
     )
 
 
-def indexer_case(family: str, name: str, x: float, batch: int, ctx: int, topk: int) -> Case:
+def indexer_case(
+    family: str, name: str, x: float | str, batch: int, ctx: int, topk: int, extras: bool = False
+) -> Case:
     heads, dim, page = 64, 128, 64
 
     def setup(dev: str) -> tuple:
@@ -83,7 +85,7 @@ def indexer_case(family: str, name: str, x: float, batch: int, ctx: int, topk: i
         return topk_mismatch(indexer_logits(*args[:4]))
 
     nbytes = batch * ctx * (dim + 4) + batch * ctx * 4 * 2
-    return Case(
+    case = Case(
         family,
         name,
         x,
@@ -95,6 +97,20 @@ def indexer_case(family: str, name: str, x: float, batch: int, ctx: int, topk: i
         compare=compare,
         config={"page_size": page, "indexer_quant": "fp8"},
     )
+    if extras:
+        # Each "auto" choice on its own, and the logits kernel alone (what the top-k adds is the difference).
+        for impl in ("triton", "multiblock", "torch"):
+            case.extras[f"triton {impl}"] = lambda a, impl=impl: _indexer_call(a, topk_impl=impl)
+        case.extras["triton logits only"] = lambda a: _indexer_call(a, logits=True)
+    return case
+
+
+def _indexer_call(args: tuple, logits: bool = False, **kw: Any) -> Callable[[], Any]:
+    from dsv.kernels.triton.indexer import indexer_logits, indexer_topk
+
+    if logits:
+        return lambda: indexer_logits(*args[:4], **kw)
+    return lambda: indexer_topk(*args, **kw)
 
 
 def kv_write_case(family: str, name: str, x: float, tokens: int, layout: str) -> Case:

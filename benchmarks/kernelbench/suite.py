@@ -19,7 +19,7 @@ def plan(quick: bool, smoke: bool) -> list[Case]:
         return [
             sparse_mla_case("sparse_mla_decode_fp8", "B2", 2, 2, "fp8", 16, 64, 256, "sparse_mla_decode"),
             sparse_mla_case("sparse_mla_decode_bf16", "B2", 2, 2, "float", 16, 64, 256, "sparse_mla_decode"),
-            indexer_case("indexer_decode", "B2 ctx256", 256, 2, 256, 64),
+            indexer_case("indexer_decode", "B2 ctx256", 256, 2, 256, 64, extras=True),
             linear_case("fp8_gemm M16", "256x256", "256x256", 16, 256, 256),
             moe_case("fused_moe", "T3", 3, 3, 8, 2, 128, 256, ""),
             moe_case("fused_moe", "T5", 5, 5, 8, 2, 128, 256, "smoke: reference skipped to test that path"),
@@ -49,7 +49,9 @@ def plan(quick: bool, smoke: bool) -> list[Case]:
                 )
             )
     for ctx in [4096, 131072] if quick else [4096, 32768, 131072]:
-        cases.append(indexer_case("indexer_decode", f"B64 ctx{ctx // 1024}K", ctx, 64, ctx, 2048))
+        cases.append(
+            indexer_case("indexer_decode", f"B64 ctx{ctx // 1024}K", ctx, 64, ctx, 2048, extras=True)
+        )
     for t in [4096] if quick else [4096, 16384, 65536]:
         skip = (
             ""
@@ -70,6 +72,7 @@ def plan(quick: bool, smoke: bool) -> list[Case]:
 def sweep_cases() -> list[Case]:
     """Tile-size variants of dsv's Triton kernels (``--sweep``), to pick defaults on a new GPU."""
     from dsv.kernels.triton.fp8_gemm import linear
+    from dsv.kernels.triton.indexer import indexer_logits
     from dsv.kernels.triton.sparse_mla import sparse_mla
     from dsv.kernels.triton.topk import topk_indices
 
@@ -103,6 +106,13 @@ def sweep_cases() -> list[Case]:
         topk.extras[f"block{block} bits{bits} w{w}"] = build
     topk.table = False
     cases.append(topk)
+    logits = indexer_case("sweep indexer logits", "B64 ctx128K", "B64 ctx128K", 64, 131072, 2048)
+    for bs, it, w, st in [(64, 16, 4, 4), (128, 16, 4, 3), (128, 16, 8, 3), (128, 8, 4, 4), (256, 8, 8, 3)]:
+        kw = {"block_s": bs, "iters": it, "num_warps": w, "num_stages": st}
+        logits.extras[f"s{bs} it{it} w{w} st{st}"] = lambda a, kw=kw: lambda: indexer_logits(*a[:4], **kw)
+    logits.table = False
+    logits.compare = lambda args: lambda out, ref: float((out - ref).abs().max() / ref.abs().max())
+    cases.append(logits)
     gemm = linear_case("sweep linear", "M4096 o", "M4096 o", 4096, 7168, 16384)
     gemm.extras = {}
     for bm, bn, w, st in [(64, 128, 4, 3), (128, 128, 8, 4), (64, 128, 4, 5)]:
