@@ -5,6 +5,7 @@
 #   kernels  benchmarks/kernels.py (every family, JSON)        slice  slice_v32.py at 128K x B32, DSA vs dense
 #   ncu      Nsight Compute on the target kernels (CSV)         indexer  kernels.py --only indexer
 #   moe      the Triton fused-MoE tile sweep at 32K / 65K routed rows
+#   tests    the Triton indexer / top-k tests compiled for the GPU (TRITON_INTERPRET=0)
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -16,15 +17,21 @@ export PYTHONPATH=/tmp/tl:/tmp/site:/tmp/z3site
 python3 -m pip install -q --no-deps --no-build-isolation -e . -e backends/cuda >> "$OUT/install.txt" 2>&1
 STEPS=",${STEPS:-kernels,slice,moe,ncu},"
 step() { case "$STEPS" in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+if step tests; then
+  TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q tests/test_triton_indexer.py tests/test_triton_topk_multiblock.py \
+    > "$OUT/tests.txt" 2>&1
+  tail -n 5 "$OUT/tests.txt"
+fi
 if step indexer; then
-  timeout 200 python3 benchmarks/kernels.py --only indexer --out "$OUT/indexer.json" > "$OUT/indexer.txt" 2>&1
+  timeout 200 python3 benchmarks/kernels.py --only indexer_decode --graphs --out "$OUT/indexer.json" \
+    > "$OUT/indexer.txt" 2>&1
 fi
 if step kernels; then
   timeout 330 python3 benchmarks/kernels.py --budget-s 270 --out "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1
 fi
 if step slice; then
   timeout 330 python3 benchmarks/slice_v32.py --batches 32 --contexts 131072 --modes dsa,dense \
-    --kv-cache-dtype bf16,fp8_e4m3 --time-budget-s 240 --out "$OUT/slice.json" > "$OUT/slice.txt" 2>&1
+    --kv-cache-dtype bf16,fp8_e4m3 --time-budget-s 200 --out "$OUT/slice.json" > "$OUT/slice.txt" 2>&1
 fi
 if step moe; then
   timeout 240 python3 benchmarks/kernels.py --sweep --only "sweep fused_moe" --out "$OUT/moe_sweep.json" \
