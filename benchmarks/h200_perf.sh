@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DSV_CACHE_DIR=/tmp/dsvc HF_HUB_OFFLINE=1
 export LD_LIBRARY_PATH=/tmp/z3site/z3/lib:${LD_LIBRARY_PATH:-}
-pip install -q --no-compile --target /tmp/tl .whl/tilelang/*.whl > "$OUT/install.txt" 2>&1
+pip install -q --no-index --no-deps --no-compile --target /tmp/tl .whl/tilelang/*.whl > "$OUT/install.txt" 2>&1
 pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/base/*.whl >> "$OUT/install.txt" 2>&1
 export PYTHONPATH=/tmp/tl:/tmp/site:/tmp/z3site
 python3 -m pip install -q --no-deps --no-build-isolation -e . -e backends/cuda >> "$OUT/install.txt" 2>&1
