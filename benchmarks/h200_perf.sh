@@ -38,9 +38,12 @@ if step moe; then
     > "$OUT/moe_sweep.txt" 2>&1
 fi
 if step ncu; then
-  timeout 300 ncu --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
-    --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
-    --csv --page details python3 benchmarks/ncu_targets.py > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+  # NCU_ONLY: families to profile (the MoE cases alone take minutes under ncu's kernel replay); NCU_ARGS: more
+  # ncu flags, e.g. -k regex:_moe_gemm to profile only those kernels.
+  timeout 280 ncu --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section Occupancy --section WarpStateStats ${NCU_ARGS:-} --export "$OUT/ncu" \
+    python3 benchmarks/ncu_targets.py --only "${NCU_ONLY:-sparse_mla_decode,indexer}" > "$OUT/ncu.txt" 2> "$OUT/ncu.err"
+  ncu --import "$OUT/ncu.ncu-rep" --csv --page details > "$OUT/ncu.csv" 2>> "$OUT/ncu.err"
 fi
 for f in indexer kernels slice moe_sweep; do [ -f "$OUT/$f.txt" ] && tail -n 40 "$OUT/$f.txt"; done
-grep -E "^(profiled|failed|skipped)" "$OUT/ncu.csv" 2>/dev/null | head -30
+grep -E "^(profiled|failed|skipped)" "$OUT/ncu.txt" 2>/dev/null | head -30; wc -l "$OUT/ncu.csv" 2>/dev/null
