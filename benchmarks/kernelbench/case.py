@@ -32,3 +32,17 @@ class Case:
     output: Callable[[tuple, Any], Any] = lambda args, ret: ret  # what to compare, from (args, return value)
     reset: Callable[[tuple], Any] | None = None  # run before each implementation's checked call
     table: bool = True  # time the kernel table's implementations of ``op`` (False: only ``extras``)
+
+
+def sweep_variants(case: Case, fn: Callable, grid: list[tuple[int, ...]], keys: dict[str, str]) -> Case:
+    """``case`` timing ``fn(*args, **kw)`` once per row of ``grid`` (``--sweep``) instead of the kernel table.
+
+    ``keys`` maps each keyword to its short label: (64, 128) with {"block_m": "m", "block_n": "n"} is "m64 n128".
+    """
+    case.extras = {}
+    for values in grid:
+        kw = dict(zip(keys, values))
+        name = " ".join(f"{short}{v}" for short, v in zip(keys.values(), values))
+        case.extras[name] = lambda a, kw=kw: lambda: fn(*a, **kw)
+    case.table = False
+    return case

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .case import Case
+from .case import Case, sweep_variants
 from .roofline import FP8_FLOPS
 
 
@@ -94,22 +94,14 @@ def moe_sweep_cases() -> list[Case]:
     """Tile variants of the Triton fused MoE at prefill sizes (``--sweep``): 32K and 65K routed rows."""
     from dsv.kernels.triton.fused_moe import fused_moe
 
-    cases = []
-    for t in (4096, 8192):
-        case = moe_case("sweep fused_moe", f"T{t}", f"T{t}", t, 256, 8, 2048, 7168, "")
-        case.extras = {}
-        for bm, bn, w, st in [
-            (64, 64, 4, 3),
-            (64, 128, 4, 3),
-            (128, 64, 8, 3),
-            (128, 128, 8, 3),
-            (64, 128, 8, 4),
-        ]:
-            kw = {"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st}
-            case.extras[f"m{bm} n{bn} w{w} s{st}"] = lambda a, kw=kw: lambda: fused_moe(*a, **kw)
-        case.table = False
-        cases.append(case)
-    return cases
+    tiles = [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 8, 4)]
+    keys = {"block_m": "m", "block_n": "n", "num_warps": "w", "num_stages": "s"}
+    return [
+        sweep_variants(
+            moe_case("sweep fused_moe", f"T{t}", f"T{t}", t, 256, 8, 2048, 7168, ""), fused_moe, tiles, keys
+        )
+        for t in (4096, 8192)
+    ]
 
 
 def release_moe(case: Case, nxt: Case | None) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .case import Case
+from .case import Case, sweep_variants
 from .cases_attention import indexer_case, kv_write_case, sparse_mla_case
 from .cases_gemm import LINEAR_SHAPES, linear_case
 from .cases_moe import moe_case
@@ -81,17 +81,9 @@ def sweep_cases() -> list[Case]:
         case = sparse_mla_case(
             f"sweep sparse_mla {layout}", "B64", "B64", 64, layout, 128, 2048, 1 << 18, "x"
         )
-        for bh, bn, w, st in [
-            (16, 32, 4, 2),
-            (32, 64, 4, 2),
-            (64, 32, 8, 1),
-            (64, 64, 8, 2),
-            (64, 128, 8, 1),
-        ]:
-            kw = {"block_h": bh, "block_n": bn, "num_warps": w, "num_stages": st}
-            case.extras[f"h{bh} n{bn} w{w} s{st}"] = lambda a, kw=kw: lambda: sparse_mla(*a, **kw)
-        case.table = False
-        cases.append(case)
+        tiles = [(16, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 1), (64, 64, 8, 2), (64, 128, 8, 1)]
+        keys = {"block_h": "h", "block_n": "n", "num_warps": "w", "num_stages": "s"}
+        cases.append(sweep_variants(case, sparse_mla, tiles, keys))
     topk = indexer_case("sweep topk", "B64 ctx32K", "B64 ctx32K", 64, 32768, 2048)
     for block, bits, w in [(1024, 8, 8), (2048, 8, 8), (4096, 8, 16), (2048, 11, 8), (4096, 11, 16)]:
         kw = {"block": block, "radix_bits": bits, "num_warps": w}
@@ -107,10 +99,9 @@ def sweep_cases() -> list[Case]:
     topk.table = False
     cases.append(topk)
     logits = indexer_case("sweep indexer logits", "B64 ctx128K", "B64 ctx128K", 64, 131072, 2048)
-    for bs, it, w, st in [(64, 16, 4, 4), (128, 16, 4, 3), (128, 16, 8, 3), (128, 8, 4, 4), (256, 8, 8, 3)]:
-        kw = {"block_s": bs, "iters": it, "num_warps": w, "num_stages": st}
-        logits.extras[f"s{bs} it{it} w{w} st{st}"] = lambda a, kw=kw: lambda: indexer_logits(*a[:4], **kw)
-    logits.table = False
+    tiles = [(64, 16, 4, 4), (128, 16, 4, 3), (128, 16, 8, 3), (128, 8, 4, 4), (256, 8, 8, 3)]
+    keys = {"block_s": "s", "iters": "it", "num_warps": "w", "num_stages": "st"}
+    sweep_variants(logits, lambda *a, **kw: indexer_logits(*a[:4], **kw), tiles, keys)
     logits.compare = lambda args: lambda out, ref: float((out - ref).abs().max() / ref.abs().max())
     cases.append(logits)
     gemm = linear_case("sweep linear", "M4096 o", "M4096 o", 4096, 7168, 16384)

@@ -28,13 +28,30 @@ def exact_greedy(
 ) -> torch.Tensor:
     """argmax [N] of the fp32 logits ``hidden.float() @ weight.float().T`` for a bf16/fp16 ``weight``.
 
-    Candidates come from a cheap pass with a proven error bound: the int8 ``screen`` when given (CPU), else
-    the GEMM in the weight's dtype (exact products, fp32 accumulation, one rounding of the output) and one
-    top-k pass. The candidates' fp32 logits decide; ties go to the lowest id, as with argmax. A row with more
-    near ties than the pass holds, or with non-finite values, gets the full fp32 argmax (in vocabulary chunks,
-    so a flat row cannot blow up memory; over ``weight_fp32`` when the caller keeps an fp32 copy).
+    Candidates come from a cheap pass with a proven error bound: the int8 ``screen`` when given (CPU; rows it
+    cannot narrow enough go on to the next pass), else the GEMM in the weight's dtype (exact products, fp32
+    accumulation, one rounding of the output) and one top-k pass. The candidates' fp32 logits decide; ties go
+    to the lowest id, as with argmax. A row with more near ties than the pass holds, or with non-finite
+    values, gets the full fp32 argmax (in vocabulary chunks, so a flat row cannot blow up memory; over
+    ``weight_fp32`` when the caller keeps an fp32 copy). Exact wherever the fp32 logits are finite: a logit
+    whose fp32 partial sums overflow depends on the summation order, so no single fp32 argmax exists there.
     """
-    picked = screen.candidates(hidden) if screen is not None else _lowp_candidates(hidden, weight, margin)
+    if screen is not None:
+        tokens, rest = _decide(hidden, weight, screen.candidates(hidden))
+        if rest.numel():  # rows the int8 bound cannot narrow enough: the low-precision pass, then the scan
+            tokens[rest] = exact_greedy(hidden[rest], weight, margin, weight_fp32=weight_fp32)
+        return tokens
+    tokens, rest = _decide(hidden, weight, _lowp_candidates(hidden, weight, margin))
+    if rest.numel():
+        tokens[rest] = _fp32_argmax(hidden[rest], weight if weight_fp32 is None else weight_fp32)
+    return tokens
+
+
+def _decide(
+    hidden: torch.Tensor, weight: torch.Tensor, picked: Candidates
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [N], rows the candidates do not cover): per row the candidate with the largest fp32 score,
+    the lowest id among equal scores."""
     rows, cols = picked.rows, picked.cols
     n = hidden.shape[0]
     exact = (hidden[rows].float() * weight[cols].float()).sum(-1)
@@ -42,10 +59,7 @@ def exact_greedy(
     winner = exact == best[rows]
     first = torch.full((n,), weight.shape[0], dtype=torch.int64, device=hidden.device)
     tokens = first.scatter_reduce(0, rows[winner], cols[winner], "amin")
-    rest = (~picked.inside).nonzero(as_tuple=True)[0]
-    if rest.numel():
-        tokens[rest] = _fp32_argmax(hidden[rest], weight if weight_fp32 is None else weight_fp32)
-    return tokens
+    return tokens, (~picked.inside).nonzero(as_tuple=True)[0]
 
 
 def _lowp_candidates(hidden: torch.Tensor, weight: torch.Tensor, margin: float) -> Candidates:

@@ -16,13 +16,16 @@ the cut are re-scored in fp32. The result is the same token as the full fp32 arg
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 
 _QMAX = 127
-#: Candidate chunks one row may hit before it is sent to the full fp32 scan (near-flat logits).
+#: Candidate chunks one row may hit before it is left to the next candidate pass (near-flat logits).
 _MAX_CHUNKS_PER_ROW = 64
+#: Rows whose |h|_1 max|w| reaches this could overflow an fp32 partial sum: left to the next pass.
+_FP32_SAFE = 2.0**120
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,17 @@ class Int8Screen:
     scale: float  # s_w: weight ≈ scale * q
     resid: float  # R = max_v ||w_v - scale q_v||_2
     norm: float  # N = max_v ||w_v||_2
+    amax: float  # max |w|
     chunk: int  # vocabulary chunk whose maxima locate the candidates
 
     @classmethod
-    def build(cls, weight: torch.Tensor, rows_per_pass: int = 16384) -> Int8Screen | None:
-        """The screen of a float ``weight``, or None where it does not apply (not on the CPU, no int8 GEMM
-        in this torch, non-finite or all-zero weights)."""
+    def build(
+        cls, weight: torch.Tensor, rows_per_pass: int = 16384, check_speed: bool = True
+    ) -> Int8Screen | None:
+        """The screen of a float ``weight``, or None where it does not apply: not on the CPU, no int8 GEMM
+        in this torch or one slower than the weight's own GEMM here (oneDNN's int8 path needs VNNI; without
+        it ``_int_mm`` is many times slower; ``check_speed=False`` skips that timing), non-finite or all-zero
+        weights."""
         if weight.device.type != "cpu" or weight.dim() != 2 or not hasattr(torch, "_int_mm"):
             return None
         amax = float(weight.abs().max()) if weight.numel() else 0.0
@@ -64,11 +72,9 @@ class Int8Screen:
             q[start : start + rows_per_pass] = qw.to(torch.int8)
             resid = max(resid, float((w - qw * scale).norm(dim=1).max()))
             norm = max(norm, float(w.norm(dim=1).max()))
-        try:
-            torch._int_mm(torch.zeros(1, weight.shape[1], dtype=torch.int8), q[:1].t())
-        except RuntimeError:  # an int8 GEMM this build cannot run on the CPU
+        if not _int8_runs(weight, q) or (check_speed and not _int8_is_faster(weight, q)):
             return None
-        return cls(weight, q.t(), scale, resid, norm, math.gcd(weight.shape[0], 128))
+        return cls(weight, q.t(), scale, resid, norm, amax, math.gcd(weight.shape[0], 128))
 
     def candidates(self, hidden: torch.Tensor) -> Candidates:
         """Every token of each row that may be its fp32 argmax (see the module docstring for the bound)."""
@@ -79,12 +85,16 @@ class Int8Screen:
         safe = torch.where(ok, s_h, torch.ones_like(s_h))
         hq = torch.round(h / safe[:, None]).clamp_(-_QMAX, _QMAX).nan_to_num_(0.0)
         h_hat = hq * safe[:, None]
-        # |h·w_v - s_h s_w (q_h·q_v)| <= the quantization bound for every token v; an fp32 score (exact
-        # products, K additions in any order) is within eps = gamma_K |h| N of h·w_v. The cut below compares
-        # a decision score with pass 1's score of another token, each computed once: 3 eps cover both.
-        gamma = k * 2.0**-24 / (1 - k * 2.0**-24)
+        # |h·w_v - s_h s_w (q_h·q_v)| <= the quantization bound for every token v; an fp32 score (products
+        # rounded once, K additions in any order) is within eps = gamma_K |h| N + K 2^-149 of h·w_v (the
+        # second term: products and sums that fall into fp32's subnormal range). The cut below compares a
+        # decision score with pass 1's score of another token, each computed once: 3 eps cover both. Rows
+        # whose partial sums could overflow fp32 are left to the next pass.
+        gamma = (k + 1) * 2.0**-24 / (1 - (k + 1) * 2.0**-24)
+        eps = gamma * h.norm(dim=1) * self.norm + k * 2.0**-149
+        ok &= h.abs().sum(dim=1) * self.amax < _FP32_SAFE
         quant = (h - h_hat).norm(dim=1) * self.norm + h_hat.norm(dim=1) * self.resid
-        slack = (quant + 3 * gamma * h.norm(dim=1) * self.norm) * (1 + 2.0**-20)
+        slack = (quant + 3 * eps) * (1 + 2.0**-20)
         unit = safe * self.scale
         screened = torch._int_mm(hq.to(torch.int8), self.weight_t)  # [n, vocab] exact int32 dots
         vocab = screened.shape[1]
@@ -117,3 +127,31 @@ class Int8Screen:
         """Per row, the largest fp32 score among its (row, token) pairs (-inf for rows without pairs), in fp64."""
         exact = (hidden[rows].float() * self.weight[cols].float()).sum(-1).double()
         return torch.full((n,), float("-inf"), dtype=torch.float64).scatter_reduce(0, rows, exact, "amax")
+
+
+def _int8_is_faster(weight: torch.Tensor, q: torch.Tensor, rows: int = 8192, tries: int = 3) -> bool:
+    """Whether ``torch._int_mm`` beats the weight's own GEMM on a slice of the head, on this machine."""
+    k = weight.shape[1]
+    w, wq = weight[:rows], q[:rows].t()
+    h, hq = torch.zeros(8, k, dtype=weight.dtype), torch.zeros(8, k, dtype=torch.int8)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(tries):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    torch._int_mm(hq, wq)  # warm-up
+    torch.nn.functional.linear(h, w)
+    return best(lambda: torch._int_mm(hq, wq)) < best(lambda: torch.nn.functional.linear(h, w))
+
+
+def _int8_runs(weight: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether this torch build has a CPU ``torch._int_mm``."""
+    try:
+        torch._int_mm(torch.zeros(1, weight.shape[1], dtype=torch.int8), q[:1].t())
+    except RuntimeError:
+        return False
+    return True

@@ -241,8 +241,8 @@ def fused_moe(
         x: [T, D] activations; weights: [T, top_k] routing weights; ids: [T, top_k] expert ids.
         experts: stacked w1/w3 [E, I, D] and w2 [E, D, I], FP8 with block scales or float.
 
-    ``block_m`` (default: 16 up to 512 routed rows, else 64), ``block_n`` (the down GEMM's, default 128 from
-    16K routed rows, else 64; gate/up use one 128-wide scale group), ``num_warps`` and ``num_stages`` set the tiling only (same math).
+    ``block_m`` (default: 16 up to 512 routed rows, else 64), ``block_n`` (default 128 for FP8 experts from
+    16K routed rows, else 64; the FP8 gate/up GEMM always uses one 128-wide scale group), ``num_warps`` and ``num_stages`` set the tiling only (same math).
 
     Returns:
         [T, D] in x's dtype (the top-k contributions are summed in fp32).
@@ -255,8 +255,8 @@ def fused_moe(
         return x.new_zeros(t, experts.w2.shape[1])
     if block_m is None:
         block_m = 16 if t * top_k <= 512 else 64
-    if block_n is None:  # H200 sweep at 32K / 65K rows: 128 beats 64 by 9-10%; smaller sizes were not swept
-        block_n = 128 if t * top_k >= 16384 else 64
+    if block_n is None:  # H200 sweep (FP8, 32K / 65K rows): 128 beats 64 by 9-10%; nothing else was swept
+        block_n = 128 if fp8 and t * top_k >= 16384 else 64
     x = x.contiguous()
     sorted_ids, block_expert = align_by_expert(ids, experts.num_experts, block_m)
     route = weights.reshape(-1).float().contiguous()

@@ -169,7 +169,9 @@ def topk_indices_filtered(
 ) -> torch.Tensor:
     """:func:`dsv.kernels.triton.topk.topk_indices` (same selection, ties to lower indices, -1 padding), with
     each row first filtered by a threshold from ``group_max`` [T, G] (maxima of disjoint groups of the row's
-    scores, -inf for empty groups; any grouping is exact, strided ones filter best).
+    scores, -inf for empty groups; any grouping is exact, strided ones filter best). Every group maximum must
+    come from visible scores only (-inf past each row's length): a maximum taken over padding would raise the
+    threshold above the row's k-th score and the row would get fewer than k entries.
 
     ``cap`` candidate slots per row (default 8 * topk) bound the extra memory at [T, cap] (fp32 + int32).
     ``from_positions``: ``lengths`` holds each row's last visible position (lengths = min(pos + 1, row size)).
