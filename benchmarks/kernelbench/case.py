@@ -34,7 +34,7 @@ class Case:
     table: bool = True  # time the kernel table's implementations of ``op`` (False: only ``extras``)
 
 
-def sweep_variants(case: Case, fn: Callable, grid: list[tuple[int, ...]], keys: dict[str, str]) -> Case:
+def sweep_variants(case: Case, fn: Callable, grid: list[tuple], keys: dict[str, str]) -> Case:
     """``case`` timing ``fn(*args, **kw)`` once per row of ``grid`` (``--sweep``) instead of the kernel table.
 
     ``keys`` maps each keyword to its short label: (64, 128) with {"block_m": "m", "block_n": "n"} is "m64 n128".

@@ -91,11 +91,21 @@ def _moe_weights(dev: str, experts: int, inter: int, hidden: int):
 
 
 def moe_sweep_cases() -> list[Case]:
-    """Tile variants of the Triton fused MoE at prefill sizes (``--sweep``): 32K and 65K routed rows."""
+    """Tile variants of the Triton fused MoE at prefill sizes (``--sweep``): 32K and 65K routed rows.
+
+    ``g`` is ``gate_up_block_n`` (None: the gate/up GEMM quantizes h in its epilogue, 128-wide tiles)."""
     from dsv.kernels.triton.fused_moe import fused_moe
 
-    tiles = [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 8, 4)]
-    keys = {"block_m": "m", "block_n": "n", "num_warps": "w", "num_stages": "s"}
+    tiles = [
+        (64, 128, 4, 3, None),
+        (64, 128, 8, 4, None),
+        (64, 128, 4, 3, 64),
+        (64, 128, 8, 3, 64),
+        (64, 128, 4, 4, 64),
+        (64, 128, 8, 4, 128),
+        (128, 128, 8, 3, 64),
+    ]
+    keys = {"block_m": "m", "block_n": "n", "num_warps": "w", "num_stages": "s", "gate_up_block_n": "g"}
     return [
         sweep_variants(
             moe_case("sweep fused_moe", f"T{t}", f"T{t}", t, 256, 8, 2048, 7168, ""), fused_moe, tiles, keys

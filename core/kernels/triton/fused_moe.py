@@ -234,6 +234,7 @@ def fused_moe(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    gate_up_block_n: int | None = None,
 ) -> torch.Tensor:
     """Triton twin of :func:`dsv.ops.moe.fused_moe`: sum_i weights[t, i] * Expert_{ids[t, i]}(x[t]).
 
@@ -242,7 +243,11 @@ def fused_moe(
         experts: stacked w1/w3 [E, I, D] and w2 [E, D, I], FP8 with block scales or float.
 
     ``block_m`` (default: 16 up to 512 routed rows, else 64), ``block_n`` (default 128 for FP8 experts from
-    16K routed rows, else 64; the FP8 gate/up GEMM always uses one 128-wide scale group), ``num_warps`` and ``num_stages`` set the tiling only (same math).
+    16K routed rows, else 64), ``num_warps`` and ``num_stages`` set the tiling only (same math). The FP8
+    gate/up GEMM quantizes its output in its epilogue, so its tiles span one 128-wide scale group; with
+    ``gate_up_block_n`` it instead writes h in x's dtype with tiles that wide and one act_quant pass quantizes
+    it (same values: the epilogue also rounds h to x's dtype first). Narrower tiles halve the gate/up kernel's
+    two accumulators, which spill registers at 64 x 128 with 4 warps (Nsight Compute, H200).
 
     Returns:
         [T, D] in x's dtype (the top-k contributions are summed in fp32).
@@ -277,9 +282,17 @@ def fused_moe(
     if fp8:
         group = experts.block[1]
         xq, xs = act_quant(x, group, experts.act_scale_fmt, experts.w1.dtype)
-        hq = torch.empty(p, inter, dtype=experts.w2.dtype, device=x.device)
-        hs = torch.empty(p, triton.cdiv(inter, group), dtype=torch.float32, device=x.device)
-        _moe_gemm(xq, xs, experts.w1, experts.w1_scale, experts.w3, experts.w3_scale, hq, hs, *common)
+        gate_up = (experts.w1, experts.w1_scale, experts.w3, experts.w3_scale)
+        if gate_up_block_n is None:
+            hq = torch.empty(p, inter, dtype=experts.w2.dtype, device=x.device)
+            hs = torch.empty(p, triton.cdiv(inter, group), dtype=torch.float32, device=x.device)
+            _moe_gemm(xq, xs, *gate_up, hq, hs, *common)
+        else:
+            # Padding rows of h stay unwritten: their quantized values only reach padding rows of the down GEMM,
+            # which it never stores.
+            h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
+            _moe_gemm(xq, xs, *gate_up, h, None, *common[:7], gate_up_block_n, *common[8:])
+            hq, hs = act_quant(h, group, experts.act_scale_fmt, experts.w2.dtype)
         _moe_gemm(hq, hs, experts.w2, experts.w2_scale, None, None, y, None, *common)
     else:
         h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
