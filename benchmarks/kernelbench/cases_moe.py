@@ -104,6 +104,10 @@ def moe_sweep_cases() -> list[Case]:
         (64, 128, 4, 4, 64),
         (64, 128, 8, 4, 128),
         (128, 128, 8, 3, 64),
+        (64, 128, 4, 3, 32),
+        (32, 128, 4, 3, 64),
+        (64, 128, 4, 2, 64),
+        (64, 64, 4, 3, 64),
     ]
     keys = {"block_m": "m", "block_n": "n", "num_warps": "w", "num_stages": "s", "gate_up_block_n": "g"}
     return [
