@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from dsv.engine.int8_screen import Candidates, Int8Screen
+from dsv.engine.int8_screen import Candidates, Int8Screen, pair_scores
 
 #: Relative error bound of the bf16/fp16 head GEMM: it rounds its output once (unit roundoff 2^-8 for
 #: bf16), so two logits' errors add up to < 2^-7 of the largest magnitude; 2^-6 also covers the rounding of
@@ -53,11 +53,9 @@ def _decide(
     """(tokens [N], rows the candidates do not cover): per row the candidate with the largest fp32 score,
     the lowest id among equal scores."""
     rows, cols = picked.rows, picked.cols
-    n = hidden.shape[0]
-    exact = (hidden[rows].float() * weight[cols].float()).sum(-1)
-    best = torch.full((n,), float("-inf"), device=hidden.device).scatter_reduce(0, rows, exact, "amax")
+    exact, best = pair_scores(hidden, weight, rows, cols)
     winner = exact == best[rows]
-    first = torch.full((n,), weight.shape[0], dtype=torch.int64, device=hidden.device)
+    first = torch.full((hidden.shape[0],), weight.shape[0], dtype=torch.int64, device=hidden.device)
     tokens = first.scatter_reduce(0, rows[winner], cols[winner], "amin")
     return tokens, (~picked.inside).nonzero(as_tuple=True)[0]
 

@@ -103,7 +103,7 @@ class Int8Screen:
         # Pass 1: the fp32 score of the screen's own argmax is a score the winner must reach; any token whose
         # screened score is more than `slack` below it cannot (its fp32 score is below that score).
         rows, cols = self._gather(screened, chunk_max, best.long(), ok)
-        first = self._score(hidden, rows, cols, n)
+        first = pair_scores(hidden, self.weight, rows, cols)[1].double()
         cut = torch.floor((first - slack) / unit) - 1
         ok &= torch.isfinite(cut) & (cut > -(2**31))
         # Pass 2: every token at or above that cut.
@@ -122,11 +122,6 @@ class Int8Screen:
         cols = hit_chunks[:, None] * self.chunk + torch.arange(self.chunk)
         pair, lane = (screened[hit_rows[:, None], cols] >= threshold[hit_rows, None]).nonzero(as_tuple=True)
         return hit_rows[pair], cols[pair, lane]
-
-    def _score(self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n: int) -> torch.Tensor:
-        """Per row, the largest fp32 score among its (row, token) pairs (-inf for rows without pairs), in fp64."""
-        exact = (hidden[rows].float() * self.weight[cols].float()).sum(-1).double()
-        return torch.full((n,), float("-inf"), dtype=torch.float64).scatter_reduce(0, rows, exact, "amax")
 
 
 def _int8_is_faster(weight: torch.Tensor, q: torch.Tensor, rows: int = 8192, tries: int = 3) -> bool:
@@ -155,3 +150,13 @@ def _int8_runs(weight: torch.Tensor, q: torch.Tensor) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def pair_scores(
+    hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 scores of the (row, token) pairs (exact products, one fp32 sum each) and, per row of ``hidden``,
+    the largest of them (-inf for rows without pairs): the scores every greedy decision is made on."""
+    scores = (hidden[rows].float() * weight[cols].float()).sum(-1)
+    best = torch.full((hidden.shape[0],), float("-inf"), device=hidden.device)
+    return scores, best.scatter_reduce(0, rows, scores, "amax")
