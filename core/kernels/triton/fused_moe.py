@@ -271,18 +271,11 @@ def fused_moe(
     route = weights.reshape(-1).float().contiguous()
     p = sorted_ids.numel()
     y = torch.empty(t * top_k, d, dtype=torch.float32, device=x.device)  # every pair is written once
-    common = (
-        sorted_ids,
-        block_expert,
-        route,
-        top_k,
-        x.dtype,
-        experts,
-        block_m,
-        block_n,
-        num_warps,
-        num_stages,
-    )
+
+    def gemm(a, a_scale, w, w_scale, w2, w2_scale, out, out_scale, tile_n: int = block_n) -> None:
+        _moe_gemm(a, a_scale, w, w_scale, w2, w2_scale, out, out_scale, sorted_ids, block_expert, route,
+                  top_k, x.dtype, experts, block_m, tile_n, num_warps, num_stages)  # fmt: skip
+
     if fp8:
         group = experts.block[1]
         xq, xs = act_quant(x, group, experts.act_scale_fmt, experts.w1.dtype)
@@ -290,16 +283,16 @@ def fused_moe(
         if gate_up_block_n is None:
             hq = torch.empty(p, inter, dtype=experts.w2.dtype, device=x.device)
             hs = torch.empty(p, triton.cdiv(inter, group), dtype=torch.float32, device=x.device)
-            _moe_gemm(xq, xs, *gate_up, hq, hs, *common)
+            gemm(xq, xs, *gate_up, hq, hs)
         else:
             # Padding rows of h stay unwritten: their quantized values only reach padding rows of the down GEMM,
             # which it never stores.
             h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
-            _moe_gemm(xq, xs, *gate_up, h, None, *common[:7], gate_up_block_n, *common[8:])
+            gemm(xq, xs, *gate_up, h, None, tile_n=gate_up_block_n)
             hq, hs = act_quant(h, group, experts.act_scale_fmt, experts.w2.dtype)
-        _moe_gemm(hq, hs, experts.w2, experts.w2_scale, None, None, y, None, *common)
+        gemm(hq, hs, experts.w2, experts.w2_scale, None, None, y, None)
     else:
         h = torch.empty(p, inter, dtype=x.dtype, device=x.device)
-        _moe_gemm(x, None, experts.w1, None, experts.w3, None, h, None, *common)
-        _moe_gemm(h, None, experts.w2, None, None, None, y, None, *common)
+        gemm(x, None, experts.w1, None, experts.w3, None, h, None)
+        gemm(h, None, experts.w2, None, None, None, y, None)
     return y.view(t, top_k, d).sum(1).to(x.dtype)
