@@ -6,6 +6,8 @@ KV layout); kernels elsewhere must agree with them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FP8_E4M3_MAX = 448.0
@@ -57,6 +59,12 @@ def _group_scale(xg: torch.Tensor, fp8: torch.dtype, scale_fmt: str | None) -> t
 _FP8_BITS_MIN = 1 << 14
 
 
+@functools.lru_cache(maxsize=1)
+def _e4m3_table() -> torch.Tensor:
+    """fp32 value of each of the 256 e4m3fn codes (NaN codes included), as torch widens them."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+
+
 def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
     """``q.float()``, exactly, for any fp8 tensor; e4m3fn on the CPU takes a faster path.
 
@@ -66,8 +74,12 @@ def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
     3x faster. The two NaN codes (0x7F, 0xFF) come out as +-480, past every finite e4m3 value: one min/max
     pass finds them, and they are set back to NaN.
     """
-    if q.dtype != torch.float8_e4m3fn or q.device.type != "cpu" or q.numel() < _FP8_BITS_MIN:
+    if q.dtype != torch.float8_e4m3fn or q.device.type != "cpu":
         return q.float()
+    if q.numel() < _FP8_BITS_MIN:
+        # A 256-entry table (torch's own widening of every code) gathered by byte: half the time of
+        # q.float() on the small activations of a CPU decode step.
+        return _e4m3_table().index_select(0, q.reshape(-1).view(torch.uint8).int()).view(q.shape)
     byte = q.view(torch.uint8)
     b = byte.to(torch.int16)
     # The sign (0x80 * 256 = 0x8000) wraps into bit 15 of the int16, which is the fp16 sign bit.
