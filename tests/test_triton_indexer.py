@@ -28,15 +28,15 @@ SPANS = [(0, 5), (37, 1), (100, 3), (2, 1)]
 
 
 def _batch(
-    page: int, quantized: bool, d: int = 64
+    page: int, quantized: bool, d: int = 64, spans: list[tuple[int, int]] = SPANS
 ) -> tuple[AttentionMetadata, IndexKCacheLayer, IndexKCacheLayer]:
     """Metadata over shuffled pages (every sequence crosses non-adjacent pages), with keys for every position
     written by the reference into a CPU cache and a device copy of it."""
     gen = torch.Generator().manual_seed(page)
-    need = [-(-(s + n) // page) for s, n in SPANS]
+    need = [-(-(s + n) // page) for s, n in spans]
     order = (torch.randperm(sum(need), generator=gen) + 1).tolist()
     chunks, at = [], 0
-    for (start, n), k in zip(SPANS, need):
+    for (start, n), k in zip(spans, need):
         chunks.append(SeqChunk(start, n, order[at : at + k]))
         at += k
     meta = build_metadata(chunks, page)

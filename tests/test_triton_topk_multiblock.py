@@ -78,26 +78,73 @@ def test_radix_topk_ties_go_to_lower_positions() -> None:
         assert set(got[t][got[t] >= 0].tolist()) == want
 
 
-def test_indexer_multiblock_matches_reference() -> None:
+def _layout_group_max(logits: torch.Tensor, visible: list[int], iters: int, block: int) -> list[torch.Tensor]:
+    """Per row, the group maxima the logits kernel must write (topk_multiblock.group_layout, stated in torch):
+    lane j's maximum over each run of ``sub`` blocks of every ``iters``-block chunk, ``sub`` from the row's
+    own visible length."""
+    from dsv.kernels.triton.topk_multiblock import GROUP_BLOCKS
+
+    rows = []
+    for t, n in enumerate(visible):
+        sub = min(max(n // (GROUP_BLOCKS * block), 1), iters)
+        runs, chunks = -(-iters // sub), -(-n // (iters * block))
+        row = torch.full((chunks * iters * block,), float("-inf"))
+        row[:n] = logits[t, :n]
+        blocks = row.view(chunks, iters, block)
+        rows.append(
+            torch.stack([blocks[:, r * sub : (r + 1) * sub].amax(1) for r in range(runs)], dim=1).reshape(-1)
+        )
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("spans", "iters"),
+    [
+        (None, 2),  # short rows: one block per group
+        (
+            [(0, 1), (1599, 1), (299, 1), (40, 1)],
+            4,
+        ),  # a decode batch of mixed lengths: 1, 2 or 3 blocks/group
+    ],
+)
+def test_indexer_multiblock_matches_reference(spans: list[tuple[int, int]] | None, iters: int) -> None:
     from dsv.kernels.triton.indexer import indexer_logits, indexer_topk
     from dsv.ops import indexer as ref
-    from tests.test_triton_indexer import _batch, _check_topk, _query
+    from tests import test_triton_indexer as ti
 
-    meta, cache, dev = _batch(16, True)
-    q, w = _query(meta, True, "fp8")
+    meta, cache, dev = ti._batch(16, True, spans=spans or ti.SPANS)
+    q, w = ti._query(meta, True, "fp8")
     dmeta = meta.to(DEVICE)
-    logits, gmax = indexer_logits(q.to(DEVICE), w.to(DEVICE), dev, dmeta, group_max=True, block_s=16, iters=2)
+    logits, gmax = indexer_logits(
+        q.to(DEVICE), w.to(DEVICE), dev, dmeta, group_max=True, block_s=16, iters=iters
+    )
     want_logits = ref.indexer_logits(q, w, cache, meta)
-    # Each lane's maximum over its chunk's two blocks: 16 lanes per 32-key chunk.
-    rows = want_logits.shape[0]
-    pad = -(-want_logits.shape[1] // 32) * 32
-    full = torch.full((rows, pad), float("-inf"))
-    full[:, : want_logits.shape[1]] = logits.cpu()
-    assert torch.equal(gmax.cpu(), full.view(rows, -1, 2, 16).amax(2).reshape(rows, -1))
-    for topk in (8, 64, 256):
+    visible = [min(p + 1, meta.max_seq_len) for p in meta.positions.tolist()]
+    for t, want in enumerate(_layout_group_max(logits.cpu(), visible, iters, 16)):
+        assert torch.equal(gmax.cpu()[t, : want.numel()], want), f"row {t}"
+        if visible[t] >= 8 * 16:  # about 32 x 16 groups per row whatever its length (>= k for k = 128)
+            assert int(torch.isfinite(want).sum()) >= min(visible[t], 128)
+    for topk in (8, 64, 128, 256):
         want = ref.indexer_topk(q, w, cache, meta, topk)
         got = indexer_topk(q.to(DEVICE), w.to(DEVICE), dev, dmeta, topk, topk_impl="multiblock")
-        _check_topk(got, want, want_logits, meta.positions, 5e-4 if DEVICE == "cuda" else 1e-5)  # FP8 wgmma
+        ti._check_topk(
+            got, want, want_logits, meta.positions, 5e-4 if DEVICE == "cuda" else 1e-5
+        )  # FP8 wgmma
+
+
+def test_group_width_covers_every_row_length() -> None:
+    from dsv.kernels.triton.topk_multiblock import GROUP_BLOCKS, group_width
+
+    for iters, block in ((2, 16), (4, 16), (24, 128), (32, 128)):
+        for length in (1, 15, 700, 5000, 70000):
+            width = group_width(length, iters, block)
+            most = 0
+            for n in range(1, length + 1, max(1, length // 997)):
+                sub = min(max(n // (GROUP_BLOCKS * block), 1), iters)
+                most = max(most, -(-n // (iters * block)) * -(-iters // sub) * block)
+            assert (
+                most <= width <= max(4 * GROUP_BLOCKS * block, -(-length // (iters * block)) * iters * block)
+            )
 
 
 def test_auto_takes_multiblock_for_long_rows(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from dsv.kernels.triton.common import dot_dtype
 from dsv.kernels.triton.topk import topk_indices
-from dsv.kernels.triton.topk_multiblock import topk_indices_filtered
+from dsv.kernels.triton.topk_multiblock import group_layout, group_width, topk_indices_filtered
 from dsv.ops.indexer import topk_positions
 from dsv.ops.kv_cache import IndexKCacheLayer
 from dsv.ops.metadata import AttentionMetadata
@@ -80,6 +80,10 @@ def _indexer_logits_kernel(
     )  # blocks with a visible key
     out_row = out_ptr + t * stride_ot
     gmax = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    if GROUP_MAX:
+        # This row's grouping (topk_multiblock.group_layout): `sub` blocks per group, `runs` groups per lane.
+        sub, runs, _ = group_layout(tl.minimum(pos + 1, L), ITERS, BLOCK_S)
+        g_row = gmax_ptr + t * stride_gt + chunk * runs * BLOCK_S
     for i in tl.range(0, live, num_stages=STAGES):  # one q load serves ITERS blocks of keys
         offs_s = start + i * BLOCK_S + lane
         visible = offs_s <= pos
@@ -102,19 +106,39 @@ def _indexer_logits_kernel(
             score = score * k_scale
         score = tl.where(visible, score, float("-inf"))
         tl.store(out_row + offs_s, score, mask=offs_s < L)
-        gmax = tl.maximum(gmax, score)
+        if GROUP_MAX:
+            # Lane j's maximum over `sub` blocks: a group of keys BLOCK_S apart (see topk_multiblock).
+            # Branch-free (a predicated store and a select) so the loop stays software-pipelined.
+            gmax = tl.maximum(gmax, score)
+            last = ((i + 1) % sub == 0) | (i + 1 == live)
+            tl.store(g_row + (i // sub) * BLOCK_S + lane, gmax, mask=lane < tl.where(last, BLOCK_S, 0))
+            gmax = tl.where(last, float("-inf"), gmax)
     for i in range(live, ITERS):  # blocks past the token's position: -inf, no key reads
         offs_s = start + i * BLOCK_S + lane
         tl.store(out_row + offs_s, tl.full([BLOCK_S], float("-inf"), tl.float32), mask=offs_s < L)
     if GROUP_MAX:
-        # Lane j's maximum over the ITERS blocks: a group of keys BLOCK_S apart (see topk_multiblock).
-        tl.store(gmax_ptr + t * stride_gt + chunk * BLOCK_S + lane, gmax)
+        # The rest of this program's groups, when it holds some of the row (the row's groups end after its
+        # last live chunk; later programs own no slots).
+        for r in range(tl.cdiv(live, sub), tl.where(live > 0, runs, 0)):
+            tl.store(g_row + r * BLOCK_S + lane, tl.full([BLOCK_S], float("-inf"), tl.float32))
 
 
 def default_iters(length: int, block_s: int) -> int:
     """Key blocks per program: 32 programs per row up to 32 blocks each (H200: 8 to 32 blocks ran the same),
     i.e. at most 32 * block_s group maxima per row for the top-k filter (4096 for the default 128)."""
     return max(1, min(32, length // (block_s * 32)))
+
+
+def logits_tiles(
+    length: int, device: torch.device, block_s: int | None = None, iters: int | None = None
+) -> tuple[int, int]:
+    """(keys per block, blocks per program) of the logits kernel: the given ones, else the defaults (GPU:
+    128-key blocks, :func:`default_iters`; the CPU interpreter: 16 and 2, small shapes)."""
+    cuda = device.type == "cuda"
+    block_s = block_s or (128 if cuda else 16)
+    if iters is None:
+        iters = default_iters(length, block_s) if cuda else 2
+    return block_s, iters
 
 
 def indexer_logits(
@@ -134,17 +158,18 @@ def indexer_logits(
     With an FP8 ``q`` and a quantized cache the dot runs in FP8 (exact products; Hopper's FP8 MMA keeps fewer
     accumulator bits than fp32, about 1e-4 of the largest score at 64 x 128); bf16 ``q``
     runs in bf16 (FP8 keys widen exactly); fp32 ``q`` in fp32. ``group_max=True`` also returns the maxima
-    [T, chunks * block_s] of strided key groups that :func:`topk_indices_filtered` filters with.
+    of strided key groups that :func:`topk_indices_filtered` filters with, [T, group_width(...)], each row in
+    the per-row layout of :func:`dsv.kernels.triton.topk_multiblock.group_layout` (a prefix of the row).
     """
     t, h, d = q.shape
     length = meta.max_seq_len
-    cuda = q.device.type == "cuda"
-    block_s = block_s or (128 if cuda else 16)
-    if iters is None:
-        iters = default_iters(length, block_s) if cuda else 2
+    block_s, iters = logits_tiles(length, q.device, block_s, iters)
     chunks = max(1, triton.cdiv(length, block_s * iters))
     out = torch.empty(t, length, dtype=torch.float32, device=q.device)
-    gmax = torch.empty(t, chunks * block_s, dtype=torch.float32, device=q.device) if group_max else out
+    if group_max:
+        gmax = torch.empty(t, group_width(length, iters, block_s), dtype=torch.float32, device=q.device)
+    else:
+        gmax = out
     if t == 0 or length == 0:
         return (out, gmax) if group_max else out
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -226,5 +251,6 @@ def indexer_topk(
     pos = meta.positions  # the kernels take min(pos + 1, max_seq_len) keys per row (no extra launches)
     if topk_impl == "triton":
         return topk_indices(indexer_logits(q, weights, cache, meta), pos, topk, from_positions=True)
-    logits, gmax = indexer_logits(q, weights, cache, meta, group_max=True)
-    return topk_indices_filtered(logits, pos, gmax, topk, from_positions=True)
+    block_s, iters = logits_tiles(meta.max_seq_len, q.device)
+    logits, gmax = indexer_logits(q, weights, cache, meta, block_s=block_s, iters=iters, group_max=True)
+    return topk_indices_filtered(logits, pos, gmax, topk, from_positions=True, logits_layout=(iters, block_s))
