@@ -59,19 +59,31 @@ def sparse_mla_case(
 
 
 def indexer_case(
-    family: str, name: str, x: float | str, batch: int, ctx: int, topk: int, extras: bool = False
+    family: str,
+    name: str,
+    x: float | str,
+    batch: int,
+    ctx: int,
+    topk: int,
+    extras: bool = False,
+    mixed: bool = False,
 ) -> Case:
+    """Indexer decode over ``batch`` sequences of ``ctx`` keys; ``mixed``: lengths spread evenly from ctx/8 to
+    ctx (a serving batch at long context), ``ctx`` being the longest."""
     heads, dim, page = 64, 128, 64
+    lengths = [max(1, ctx * (b + 1) // batch) if mixed else ctx for b in range(batch)]
+    lengths = [max(n, ctx // 8) for n in lengths]
 
     def setup(dev: str) -> tuple:
         from dsv.engine.batch import SeqChunk, build_metadata
         from dsv.ops.kv_cache import IndexKCacheLayer
 
-        per_seq = -(-ctx // page)
-        perm = torch.randperm(batch * per_seq) + 1
-        chunks = [SeqChunk(ctx - 1, 1, perm[b * per_seq : (b + 1) * per_seq].tolist()) for b in range(batch)]
+        pages = [-(-n // page) for n in lengths]
+        perm = (torch.randperm(sum(pages)) + 1).tolist()
+        starts = [sum(pages[:b]) for b in range(batch)]
+        chunks = [SeqChunk(n - 1, 1, perm[s : s + p]) for n, s, p in zip(lengths, starts, pages)]
         meta = build_metadata(chunks, page, dev)
-        cache = IndexKCacheLayer(batch * per_seq + 1, page, dim, True, torch.bfloat16, dev)
+        cache = IndexKCacheLayer(sum(pages) + 1, page, dim, True, torch.bfloat16, dev)
         keys = cache.storage[:, : page * dim].view(torch.float8_e4m3fn)
         keys.copy_(torch.randn(keys.shape, device=dev).to(torch.float8_e4m3fn))
         cache.scales.fill_(2.0**-6)
@@ -84,7 +96,8 @@ def indexer_case(
 
         return topk_mismatch(indexer_logits(*args[:4]))
 
-    nbytes = batch * ctx * (dim + 4) + batch * ctx * 4 * 2
+    keys = sum(lengths)
+    nbytes = keys * (dim + 4) + batch * ctx * 4 * 2
     case = Case(
         family,
         name,
@@ -92,7 +105,7 @@ def indexer_case(
         "indexer_topk_decode",
         setup,
         nbytes,
-        2 * batch * ctx * heads * dim,
+        2 * keys * heads * dim,
         FP8_FLOPS,
         compare=compare,
         config={"page_size": page, "indexer_quant": "fp8"},

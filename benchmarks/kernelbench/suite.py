@@ -52,6 +52,10 @@ def plan(quick: bool, smoke: bool) -> list[Case]:
         cases.append(
             indexer_case("indexer_decode", f"B64 ctx{ctx // 1024}K", ctx, 64, ctx, 2048, extras=True)
         )
+    # A serving batch: 64 rows from 16K to 128K keys (each row's group maxima follow its own length).
+    cases.append(
+        indexer_case("indexer_decode_mixed", "B64 ctx16K-128K", 131072, 64, 131072, 2048, True, mixed=True)
+    )
     for t in [4096] if quick else [4096, 16384, 65536]:
         skip = (
             ""
