@@ -105,3 +105,20 @@ def test_screen_is_dropped_where_int8_is_not_faster(monkeypatch):
     assert Int8Screen.build(w) is None
     monkeypatch.setattr(screen_mod, "_int8_is_faster", lambda weight, q: True)
     assert Int8Screen.build(w) is not None
+
+
+def test_prepacked_int8_gemm_gives_the_same_integers_as_int_mm():
+    """oneDNN's prepacked path (fp32 output) holds the exact dot products for K <= 1040; past that (V3.2's
+    7168) the screen keeps torch._int_mm's int32."""
+    from dsv.engine.int8_screen import _prepack
+
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(3000, 256, generator=g) * 0.05).to(torch.bfloat16)
+    screen = Int8Screen.build(w, check_speed=False)
+    if not hasattr(torch.ops.onednn, "qlinear_prepack"):
+        pytest.skip("this torch has no oneDNN int8 linear")
+    assert screen.packed is not None
+    hq = torch.randint(-127, 128, (37, 256), generator=g, dtype=torch.int8)
+    hq[0] = 127  # the largest |dot| the bound allows
+    assert torch.equal(screen.int_dots(hq), torch._int_mm(hq, screen.weight_t).float())
+    assert _prepack(torch.zeros(4, 1100, dtype=torch.int8)) is None

@@ -39,6 +39,16 @@ class Candidates:
 
 
 @dataclass(frozen=True)
+class PackedInt8:
+    """An int8 weight [vocab, K] prepacked for oneDNN's int8 GEMM, with the unit per-row scales and zero
+    points that call takes (the screen wants the integers themselves)."""
+
+    weight: torch.Tensor
+    ones: torch.Tensor  # fp32 [vocab]
+    zeros: torch.Tensor  # int64 [vocab]
+
+
+@dataclass(frozen=True)
 class Int8Screen:
     """A per-tensor int8 copy of a [vocab, K] head weight and the norms that bound its error."""
 
@@ -49,6 +59,8 @@ class Int8Screen:
     norm: float  # N = max_v ||w_v||_2
     amax: float  # max |w|
     chunk: int  # vocabulary chunk whose maxima locate the candidates
+    #: oneDNN's prepacked copy of ``weight_t`` (:func:`_prepack`), or None: ``torch._int_mm`` then.
+    packed: PackedInt8 | None = None
 
     @classmethod
     def build(
@@ -74,7 +86,15 @@ class Int8Screen:
             norm = max(norm, float(w.norm(dim=1).max()))
         if not _int8_runs(weight, q) or (check_speed and not _int8_is_faster(weight, q)):
             return None
-        return cls(weight, q.t(), scale, resid, norm, amax, math.gcd(weight.shape[0], 128))
+        return cls(weight, q.t(), scale, resid, norm, amax, math.gcd(weight.shape[0], 128), _prepack(q))
+
+    def int_dots(self, hq: torch.Tensor) -> torch.Tensor:
+        """The exact integer dot products [n, vocab] of int8 rows ``hq`` with every int8 weight row: through
+        oneDNN's prepacked int8 GEMM when :func:`_prepack` made one (fp32 holding the integers exactly, about
+        25% faster than ``torch._int_mm`` on a 2-core Zen 4), else ``torch._int_mm`` (int32)."""
+        if self.packed is None:
+            return torch._int_mm(hq, self.weight_t)
+        return _packed_dots(hq, self.packed)
 
     def candidates(self, hidden: torch.Tensor) -> Candidates:
         """Every token of each row that may be its fp32 argmax (see the module docstring for the bound)."""
@@ -96,7 +116,7 @@ class Int8Screen:
         quant = (h - h_hat).norm(dim=1) * self.norm + h_hat.norm(dim=1) * self.resid
         slack = (quant + 3 * eps) * (1 + 2.0**-20)
         unit = safe * self.scale
-        screened = torch._int_mm(hq.to(torch.int8), self.weight_t)  # [n, vocab] exact int32 dots
+        screened = self.int_dots(hq.to(torch.int8))  # [n, vocab] exact integer dots
         vocab = screened.shape[1]
         chunk_max = screened.view(n, vocab // self.chunk, self.chunk).amax(dim=-1)
         best = chunk_max.amax(dim=-1)
@@ -141,6 +161,37 @@ def _int8_is_faster(weight: torch.Tensor, q: torch.Tensor, rows: int = 8192, tri
     torch._int_mm(hq, wq)  # warm-up
     torch.nn.functional.linear(h, w)
     return best(lambda: torch._int_mm(hq, wq)) < best(lambda: torch.nn.functional.linear(h, w))
+
+
+def _prepack(q: torch.Tensor) -> PackedInt8 | None:
+    """oneDNN's prepacked form of the int8 weight [vocab, K], when this torch has it and its fp32 output holds
+    every dot exactly (|dot| <= K * 127^2 < 2^24, i.e. K <= 1040; V3.2's 7168 is past that) and a check on a
+    slice matches ``torch._int_mm``; otherwise None."""
+    k = q.shape[1]
+    if k * _QMAX * _QMAX >= 2**24 or not hasattr(torch.ops.onednn, "qlinear_prepack"):
+        return None
+    try:
+        vocab = q.shape[0]
+        packed = PackedInt8(
+            torch.ops.onednn.qlinear_prepack(q, None),
+            torch.ones(vocab, dtype=torch.float32),
+            torch.zeros(vocab, dtype=torch.int64),
+        )
+        probe = (torch.arange(2 * k) % (2 * _QMAX + 1) - _QMAX).to(torch.int8).view(2, k)
+        part = min(q.shape[0], 256)
+        exact = torch.equal(_packed_dots(probe, packed)[:, :part], torch._int_mm(probe, q[:part].t()).float())
+    except (RuntimeError, NotImplementedError):
+        return None
+    return packed if exact else None
+
+
+def _packed_dots(hq: torch.Tensor, packed: PackedInt8) -> torch.Tensor:
+    """int8 rows times a prepacked int8 weight, exact integers in fp32. oneDNN takes uint8 activations with a
+    zero point: hq + 128 with zero point 128 is the same integer."""
+    xu8 = (hq.to(torch.int16) + 128).to(torch.uint8)
+    return torch.ops.onednn.qlinear_pointwise(
+        xu8, 1.0, 128, packed.weight, packed.ones, packed.zeros, None, 1.0, 0, torch.float32, "none", [], ""
+    )
 
 
 def _int8_runs(weight: torch.Tensor, q: torch.Tensor) -> bool:
