@@ -200,6 +200,143 @@ def test_pad_indices_appends_unused_entries_as_int32():
     assert out[0, :3].tolist() == [5, -1, 7] and (out[:, 3:] == -1).all()
 
 
+# ----- the kernel variant (simple / warp-specialized) -----
+
+
+def test_auto_variant_is_ws_for_deepseek_widths():
+    assert tl_mla.DEFAULT_TILES.variant == "auto"
+    assert tl_mla.choose_variant(tl_mla.DEFAULT_TILES, 512, 64) == "ws"
+    assert tl_mla.choose_variant(tl_mla.Tiles(variant="simple"), 512, 64) == "simple"
+    assert tl_mla.choose_variant(tl_mla.Tiles(variant="ws"), 512, 64) == "ws"
+
+
+@pytest.mark.parametrize(
+    ("r", "dr", "block_h", "block_i", "why"),
+    [
+        (192, 64, 64, 64, "kv_lora_rank"),  # halves of 96 columns: not whole 64-column pieces
+        (512, 32, 64, 64, "rope_dim"),
+        (512, 64, 128, 64, "block_h"),
+        (512, 64, 64, 40, "block_i"),
+    ],
+)
+def test_shapes_the_ws_kernel_cannot_take_go_to_the_simple_one(r, dr, block_h, block_i, why):
+    """A shape-based choice between the two kernels: "auto" picks "simple", an explicit "ws" is refused with
+    the reason."""
+    from dsv_cuda.tilelang.kernel_key import ws_unsupported
+
+    assert why in ws_unsupported(r, dr, block_h, block_i)
+    tiles = tl_mla.Tiles(block_i=block_i, block_h=block_h)
+    assert tl_mla.choose_variant(tiles, r, dr) == "simple"
+    with pytest.raises(KernelUnavailable, match=f"variant 'ws' cannot run here: {why}"):
+        tl_mla.choose_variant(tl_mla.Tiles(block_i=block_i, block_h=block_h, variant="ws"), r, dr)
+
+
+def test_unknown_variant_is_an_error():
+    with pytest.raises(ValueError, match="unknown kernel variant 'fast'"):
+        tl_mla.choose_variant(tl_mla.Tiles(variant="fast"), 512, 64)
+
+
+@pytest.mark.parametrize(("tokens", "topk", "splits"), [(1, 2048, None), (16, 2048, None), (2, 192, None)])
+def test_ws_plans_pad_and_split_like_simple_ones(tokens, topk, splits):
+    """Both kernels take the same padding and split-KV factor; the plan only records which one runs."""
+    simple = tl_mla.plan(tokens, 128, topk, 132, splits)
+    ws = tl_mla.plan(tokens, 128, topk, 132, splits, variant="ws")
+    assert ws.variant == "ws" and simple.variant == "simple"
+    assert (ws.heads, ws.topk, ws.splits) == (simple.heads, simple.topk, simple.splits)
+
+
+def test_ws_plans_may_have_an_odd_number_of_blocks_per_split():
+    """The ws kernel picks its buffer and barrier phases from the block number, so no extra padding to pairs
+    of blocks: 3 blocks of 64 stay 3, and so do 3 blocks in each of 4 splits."""
+    assert tl_mla.plan(2, 128, 192, 132, variant="ws") == tl_mla.Plan(128, 192, 1, "ws")
+    assert tl_mla.plan(2, 128, 700, 132, splits=4, variant="ws") == tl_mla.Plan(128, 768, 4, "ws")
+
+
+def test_kernel_keys_normalize_what_the_ws_kernel_ignores():
+    p = tl_mla.Plan(128, 2048, 1, "ws")
+    a = tl_mla.kernel_key(p, tl_mla.Tiles(num_stages=2, threads=256), 512, 64, 0.1, "bfloat16", 1000)
+    b = tl_mla.kernel_key(p, tl_mla.Tiles(num_stages=3, threads=512), 512, 64, 0.1, "bfloat16", 1000)
+    assert a == b and a.threads == 384 and a.variant == "ws" and a.index_dtype == "int32"
+    big = tl_mla.kernel_key(p, tl_mla.DEFAULT_TILES, 512, 64, 0.1, "bfloat16", 2**31)
+    assert big.index_dtype == "int64"
+    simple = tl_mla.kernel_key(
+        tl_mla.Plan(128, 2048, 1), tl_mla.Tiles(num_stages=3), 512, 64, 0.1, "bfloat16", 0
+    )
+    assert (simple.variant, simple.num_stages, simple.threads) == ("simple", 3, 256)
+
+
+def test_auto_keeps_short_splits_on_the_simple_kernel():
+    """Measured: with 2 blocks per split (decode B1: 16 splits) the simple kernel is faster, with 8 (B16)
+    the ws kernel is."""
+    auto = tl_mla.DEFAULT_TILES
+    assert tl_mla.choose_variant(auto, 512, 64, blocks_per_split=2) == "simple"
+    assert tl_mla.choose_variant(auto, 512, 64, blocks_per_split=tl_mla.WS_MIN_BLOCKS) == "ws"
+    assert tl_mla.choose_variant(tl_mla.Tiles(variant="ws"), 512, 64, blocks_per_split=1) == "ws"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "variant", "expected"),
+    [
+        (2, None, "simple"),  # 4 programs: 16 splits of 2 blocks
+        (8, None, "ws"),  # 16 programs: 4 splits of 8 blocks
+        (2, "simple", "simple"),
+        (2, "ws", "ws"),
+        (2, "seesaw", "seesaw"),
+        (1, None, "simple"),  # 2048 indices over 16 splits: 2 blocks per split
+        (16, None, "ws"),  # 4 splits of 8 blocks
+        (64, None, "ws"),
+    ],
+)
+def test_sparse_mla_runs_the_chosen_variant(monkeypatch, tokens, variant, expected):
+    plans: list = []
+
+    def fake_kernel(q, cache, indices, sm_scale, p, tiles):
+        plans.append(p)
+        return torch.zeros(q.shape[0], p.heads, cache.kv_lora_rank, dtype=q.dtype)
+
+    monkeypatch.setattr(tl_mla, "check_args", lambda *a, **k: None)
+    monkeypatch.setattr(tl_mla, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(tl_mla, "_run_kernel", fake_kernel)
+    q = torch.zeros(tokens, 128, 576, dtype=torch.bfloat16)
+    tiles = None if variant is None else tl_mla.Tiles(variant=variant)
+    tl_mla.sparse_mla(q, _cache(), torch.zeros(tokens, 2048, dtype=torch.long), 0.1, tiles=tiles)
+    assert [p.variant for p in plans] == [expected]
+    if expected == "seesaw":
+        assert plans[0].topk % (2 * tl_mla.BLOCK_I * plans[0].splits) == 0
+
+
+def test_only_an_explicit_ws_variant_reads_the_fp8_layout():
+    """The ws producer can dequantize FlashMLA's FP8 rows; the registered ops (auto variant) keep refusing
+    the layout, and asking another variant for it names the one that reads it."""
+    q = torch.zeros(2, 16, 576, dtype=torch.bfloat16)
+    idx = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(KernelUnavailable, match="FP8 656-byte layout"):
+        tl_mla.sparse_mla(q, _cache("fp8"), idx, 0.1)
+    # Past the layout check, this CPU tensor is what is refused:
+    with pytest.raises(KernelUnavailable, match="CUDA tensors"):
+        tl_mla.sparse_mla(q, _cache("fp8"), idx, 0.1, tiles=tl_mla.Tiles(variant="ws"))
+    for variant in ("simple", "seesaw"):
+        with pytest.raises(KernelUnavailable, match="only the 'ws' variant reads the FP8 layout"):
+            tl_mla.choose_variant(tl_mla.Tiles(variant=variant), 512, 64, kv_format="fp8")
+    assert tl_mla.choose_variant(tl_mla.Tiles(variant="ws"), 512, 64, kv_format="fp8") == "ws"
+
+
+def test_fp8_rows_need_whole_scale_groups_per_latent_half():
+    from dsv_cuda.tilelang.kernel_key import ws_unsupported
+
+    assert ws_unsupported(512, 64, 64, 64, "fp8") == ""
+    assert "scale groups" in ws_unsupported(384, 64, 64, 64, "fp8")  # halves of 192: not whole groups
+    assert ws_unsupported(384, 64, 64, 64, "half") == ""
+
+
+def test_fp8_kernel_keys_carry_the_row_format():
+    p = tl_mla.Plan(128, 2048, 1, "ws")
+    key = tl_mla.kernel_key(p, tl_mla.DEFAULT_TILES, 512, 64, 0.1, "bfloat16", 656 * 100, "fp8")
+    assert key.kv_format == "fp8" and key.dtype == "bfloat16" and key.index_dtype == "int32"
+    assert tl_mla.kernel_key(p, tl_mla.DEFAULT_TILES, 512, 64, 0.1, "bfloat16", 656).kv_format == "half"
+
+
 # ----- merging split-KV partials -----
 
 
@@ -266,7 +403,7 @@ def test_very_long_prefill_runs_in_pieces_below_int32_offsets(monkeypatch):
             (q[:, :1, : cache.kv_lora_rank].float() + indices[:, :1, None]).expand(-1, heads, -1).to(q.dtype)
         )
 
-    monkeypatch.setattr(tl_mla, "check_args", lambda *a: None)
+    monkeypatch.setattr(tl_mla, "check_args", lambda *a, **k: None)
     monkeypatch.setattr(tl_mla, "_sm_count", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(tl_mla, "_run_kernel", fake_kernel)

@@ -1,14 +1,18 @@
-"""``sparse_mla_decode`` / ``sparse_mla_prefill`` through dsv's TileLang kernel.
+"""``sparse_mla_decode`` / ``sparse_mla_prefill`` through dsv's TileLang kernels.
 
 Same arguments and result as :func:`dsv.ops.attention.sparse_mla`. The torch side here does what the
-kernel leaves to its caller: argument checks, the choice of layout (only the bf16/fp16 "float" one), padding
-heads to the head block and the top-k list to the index block (-1 entries, masked in the kernel), the
-split-KV choice for small batches, and the merge of the splits (one launch of dsv's Triton merge kernel;
-:func:`merge_splits` states the same math in torch). Everything here except :func:`_run_kernel` runs on the
-CPU, where the tests cover it.
+kernels leave to their caller: argument checks, the choice of layout (the bf16/fp16 "float" one; FlashMLA's
+FP8 rows only for an explicit ``Tiles(variant="ws")``, see :func:`check_args`), the kernel variant
+(:func:`choose_variant`), padding heads to the head block and the top-k list to the index block (-1 entries,
+masked in the kernel), the split-KV choice for small batches, and the merge of the splits (one launch of
+dsv's Triton merge kernel; :func:`merge_splits` states the same math in torch). Everything here except
+:func:`_run_kernel` runs on the CPU, where the tests cover it.
 
-Measured on an H200 (H = 128, top-k 2048, bf16 KV; backends/cuda/scripts/tilelang_check.py): decode B64
-123 µs (CUDA graph 123 µs), B1 88 µs eager / 25 µs in a graph, prefill 4K-16K tokens ~337 TFLOPS.
+Measured on an H200 (H = 128, top-k 2048, bf16 KV; backends/cuda/scripts/tilelang_check.py, three runs):
+"ws" (the default wherever a split has >= 4 blocks) decode B64 86-88 µs in a CUDA graph (simple 123 µs),
+B128 163-168 µs (simple 235 µs), B16 44 µs (simple 52 µs), prefill 4K / 16K tokens 410-442 / 432-447 TFLOPS
+(simple 325-337 / 320-331). Decode B1 (16 splits of 2 blocks) stays on "simple": 24 µs in a graph vs 26 µs.
+"seesaw" was slower than "ws" everywhere (B64 107 µs, prefill 416 TFLOPS) and is kept selectable only.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from dsv.backend.interface import KernelUnavailable
 from dsv.ops.kv_cache import MLACacheLayer
+from dsv_cuda.tilelang.kernel_key import KernelKey, seesaw_unsupported, ws_unsupported
 
 HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 BLOCK_H = 64  # heads per thread block: wgmma tiles are 64 rows
@@ -29,17 +34,28 @@ BLOCK_I = 64  # gathered KV rows per pipeline step
 SPLIT_CHOICES = (1, 4, 16)
 
 
+#: Kernel variants. "simple" (sparse_mla_kernel): one [64, R] accumulator per 256-thread block, TileLang's
+#: software pipeline. "ws" (sparse_mla_ws_kernel): a producer warpgroup gathers KV rows for two consumer
+#: warpgroups, consumer 0 computing the scores and softmax. "seesaw" (sparse_mla_seesaw_kernel): the same
+#: producer, the consumers computing the scores of alternate blocks. "auto" takes the first of
+#: :data:`AUTO_ORDER` that can run the shape (see :func:`choose_variant`).
+VARIANTS = ("simple", "ws", "seesaw")
+AUTO_ORDER = ("ws", "simple")
+
+
 @dataclass(frozen=True)
 class Tiles:
     """Tile configuration of the kernel: KV rows per pipeline step, pipeline depth, threads per block, heads
-    per block. The default was the fastest of a sweep on an H200 (32-row steps with 2-4 stages, or 1 stage,
-    were 25-40% slower); most 512-thread configurations asked for more than the 227 KB of shared memory an
-    sm_90 block can have and failed at launch."""
+    per block, and the kernel variant. The simple kernel's defaults were the fastest of a sweep on an H200
+    (32-row steps with 2-4 stages, or 1 stage, were 25-40% slower); most 512-thread configurations asked for
+    more than the 227 KB of shared memory an sm_90 block can have and failed at launch. The "ws" and "seesaw"
+    variants use ``block_i`` and ``block_h`` only (384 threads and their double buffer are fixed)."""
 
     block_i: int = BLOCK_I
     num_stages: int = 2
     threads: int = 256
     block_h: int = BLOCK_H
+    variant: str = "auto"
 
 
 DEFAULT_TILES = Tiles()
@@ -53,27 +69,33 @@ class Plan:
         heads: query heads after padding (a multiple of the head block).
         topk: top-k length after padding with -1 (a multiple of the index block times ``splits``).
         splits: parts the top-k list is split into (split-KV; merged by :func:`merge_splits_cuda`).
+        variant: the kernel that runs it (one of :data:`VARIANTS`).
     """
 
     heads: int
     topk: int
     splits: int
+    variant: str = "simple"
 
 
 #: Q and Out offsets are int32 in the kernel.
 _INT32_ELEMENTS = 2**31 - 1
 
 
-def check_args(q: torch.Tensor, cache: MLACacheLayer, indices: torch.Tensor) -> None:
-    """Refuse what the kernel does not do, with the reason and what would work instead."""
-    if cache.layout != "float":
+def check_args(q: torch.Tensor, cache: MLACacheLayer, indices: torch.Tensor, fp8_ok: bool = False) -> None:
+    """Refuse what the kernel does not do, with the reason and what would work instead. ``fp8_ok``: the
+    caller asked for the "ws" variant, whose producer can also dequantize FlashMLA's FP8 rows (experimental:
+    the registered decode / prefill ops keep the bf16 layout only)."""
+    if cache.layout != "float" and not fp8_ok:
         raise KernelUnavailable(
             "tilelang sparse MLA reads the bf16 KV layout only; this cache is FlashMLA's FP8 656-byte layout. "
             "Use --kv-cache-dtype bf16, or the triton kernel (or flashmla_decode for decode) for the FP8 cache"
         )
-    if cache.storage.dtype not in HALF:
+    # The FP8 layout's rows are bytes, dequantized to the cache's read-back dtype.
+    kv_dtype = cache.dtype if cache.layout == "fp8" else cache.storage.dtype
+    if kv_dtype not in HALF:
         raise KernelUnavailable(
-            f"tilelang sparse MLA reads a bf16/fp16 KV cache; this one holds {cache.storage.dtype} "
+            f"tilelang sparse MLA reads a bf16/fp16 KV cache; this one holds {kv_dtype} "
             "(use --dtype bfloat16 or the triton kernel)"
         )
     r, dr = cache.kv_lora_rank, cache.rope_dim
@@ -94,6 +116,49 @@ def check_args(q: torch.Tensor, cache: MLACacheLayer, indices: torch.Tensor) -> 
         )
 
 
+def variant_unsupported(
+    variant: str, r: int, dr: int, block_h: int, block_i: int, kv_format: str = "half"
+) -> str:
+    """Why ``variant`` cannot run these widths, tiles and KV rows ("" when it can; "simple" takes every bf16
+    shape). Only the "ws" producer dequantizes FP8 rows."""
+    if variant == "ws":
+        return ws_unsupported(r, dr, block_h, block_i, kv_format)
+    if kv_format != "half":
+        return f"only the 'ws' variant reads the FP8 layout, not {variant!r}"
+    if variant == "seesaw":
+        return seesaw_unsupported(r, dr, block_h, block_i)
+    return ""
+
+
+#: "auto" runs the simple kernel when a split has fewer 64-row blocks than this: the warp-specialized kernel
+#: needs a few blocks to fill its two-buffer pipeline (H200, H = 128, top-k 2048, CUDA graph replay: decode B1
+#: = 16 splits of 2 blocks, simple 24 us vs ws 26 us; B16 = 4 splits of 8 blocks, simple 52 us vs ws 44 us).
+WS_MIN_BLOCKS = 4
+
+
+def choose_variant(
+    tiles: Tiles, r: int, dr: int, blocks_per_split: int | None = None, kv_format: str = "half"
+) -> str:
+    """The kernel for ``tiles.variant``. "auto" takes the first of :data:`AUTO_ORDER` that can run these
+    widths and tiles, except that splits of fewer than :data:`WS_MIN_BLOCKS` blocks (``blocks_per_split``,
+    when given) go to "simple" (a measured, shape-based choice between dsv kernels, not a fallback from a
+    failure). Asking for a variant where it cannot run raises :class:`KernelUnavailable` with the reason.
+
+    Every variant serves every split factor: each split is a contiguous range of the top-k list and the
+    Part / Lse partials are the same. "ws" takes any number of 64-row blocks per split (its buffer index and
+    barrier phases follow the block number); "seesaw" pairs blocks, and :func:`plan` pads for it."""
+    if tiles.variant not in (*VARIANTS, "auto"):
+        raise ValueError(f"unknown kernel variant {tiles.variant!r}; use one of {VARIANTS} or 'auto'")
+    if tiles.variant != "auto":
+        why = variant_unsupported(tiles.variant, r, dr, tiles.block_h, tiles.block_i, kv_format)
+        if why:
+            raise KernelUnavailable(f"tilelang sparse MLA variant {tiles.variant!r} cannot run here: {why}")
+        return tiles.variant
+    if blocks_per_split is not None and blocks_per_split < WS_MIN_BLOCKS:
+        return "simple"
+    return next(v for v in AUTO_ORDER if not variant_unsupported(v, r, dr, tiles.block_h, tiles.block_i))
+
+
 def plan(
     tokens: int,
     heads: int,
@@ -102,12 +167,14 @@ def plan(
     splits: int | None = None,
     block_i: int = BLOCK_I,
     block_h: int = BLOCK_H,
+    variant: str = "simple",
 ) -> Plan:
     """Pad heads and top-k to the kernel's blocks and pick the split-KV factor.
 
     Splits are used only when the (token, head-block) programs fill less than one wave of the GPU's SMs:
     each split re-reads its queries and writes a [H, R] fp32 partial, a cost that pays off only when SMs
-    would otherwise idle. The top-k list is padded to a multiple of ``BLOCK_I * splits``.
+    would otherwise idle. The top-k list is padded with -1 to a multiple of ``block_i * splits``, and of
+    ``2 * block_i * splits`` for the "seesaw" variant, whose consumers take the blocks in pairs.
     """
     heads_p = math.ceil(max(heads, 1) / block_h) * block_h
     blocks = max(1, math.ceil(topk / block_i))
@@ -119,8 +186,8 @@ def plan(
         splits = max(s for s in SPLIT_CHOICES if s <= max(1, limit))
     elif splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    step = block_i * splits
-    return Plan(heads=heads_p, topk=math.ceil(blocks * block_i / step) * step, splits=splits)
+    step = block_i * splits * (2 if variant == "seesaw" else 1)
+    return Plan(heads=heads_p, topk=math.ceil(blocks * block_i / step) * step, splits=splits, variant=variant)
 
 
 def pad_queries(q: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -174,6 +241,39 @@ def _dummy(device: torch.device, heads: int, dim: int) -> tuple[torch.Tensor, to
     )
 
 
+def kernel_key(
+    p: Plan,
+    tiles: Tiles,
+    r: int,
+    dr: int,
+    sm_scale: float,
+    dtype: str,
+    kv_elements: int,
+    kv_format: str = "half",
+) -> KernelKey:
+    """The compiled kernel's :class:`KernelKey` for a plan. Fields the chosen variant does not use are
+    normalized, so that they do not multiply its compilations: the "ws" and "seesaw" kernels fix their thread
+    count and pipeline. ``kv_elements`` (the cache's) decides 32- or 64-bit row offsets; ``dtype`` is that of
+    q and the output (for FP8 rows, the dtype they are dequantized to)."""
+    ws = p.variant in ("ws", "seesaw")
+    return KernelKey(
+        heads=p.heads,
+        dim=r,
+        tail=dr,
+        topk=p.topk,
+        splits=p.splits,
+        sm_scale=sm_scale,
+        dtype=dtype,
+        block_h=tiles.block_h,
+        block_i=tiles.block_i,
+        num_stages=0 if ws else tiles.num_stages,
+        threads=384 if ws else tiles.threads,
+        index_dtype="int64" if kv_elements >= 2**31 else "int32",
+        variant=p.variant,
+        kv_format=kv_format,
+    )
+
+
 def _run_kernel(
     q: torch.Tensor,
     cache: MLACacheLayer,
@@ -183,29 +283,17 @@ def _run_kernel(
     tiles: Tiles,
 ) -> torch.Tensor:
     """Launch the compiled kernel (compiling it on first use). Returns [T, heads_p, R] in the KV dtype."""
-    from dsv_cuda.tilelang.sparse_mla_kernel import KernelKey, compiled
+    from dsv_cuda.tilelang.sparse_mla_kernel import compiled
 
-    dtype = cache.storage.dtype
+    fp8 = cache.layout == "fp8"
+    dtype = cache.dtype if fp8 else cache.storage.dtype
     r, dr = cache.kv_lora_rank, cache.rope_dim
-    key = KernelKey(
-        heads=p.heads,
-        dim=r,
-        tail=dr,
-        topk=p.topk,
-        splits=p.splits,
-        sm_scale=float(sm_scale),
-        dtype=HALF[dtype],
-        block_h=tiles.block_h,
-        block_i=tiles.block_i,
-        num_stages=tiles.num_stages,
-        threads=tiles.threads,
-        index_dtype="int64" if cache.flat.numel() >= 2**31 else "int32",
-    )
+    kv = cache.flat.view(torch.float8_e4m3fn) if fp8 else cache.flat
+    key = kernel_key(p, tiles, r, dr, float(sm_scale), HALF[dtype], kv.numel(), "fp8" if fp8 else "half")
     kernel = compiled(key)
     t = q.shape[0]
     qp = pad_queries(q, p.heads, dtype)
     idx = pad_indices(indices, p.topk)
-    kv = cache.flat
     out = torch.empty(t, p.heads, r, dtype=dtype, device=q.device)
     if p.splits == 1:
         part, lse = _dummy(q.device, p.heads, r)
@@ -230,7 +318,8 @@ def sparse_mla(
 
     Args:
         q: [T, H, R + Dr] absorbed queries (cast to the KV dtype, as FA3 and FlashMLA take them).
-        cache: MLA cache in the "float" layout with bf16/fp16 rows.
+        cache: MLA cache in the "float" layout with bf16/fp16 rows (or, with ``tiles.variant == "ws"``
+            only, FlashMLA's FP8 layout read back as bf16/fp16: an experimental path, not yet measured).
         indices: [T, K] int global slots, -1 = unused.
         sm_scale: softmax scale.
         splits: split-KV factor (None: chosen from the SM count; see :func:`plan`).
@@ -239,13 +328,14 @@ def sparse_mla(
     Returns:
         [T, H, R] in q's dtype; a row without a valid index gives 0.
     """
-    check_args(q, cache, indices)
+    tiles = tiles or DEFAULT_TILES
+    kv_format = "fp8" if cache.layout == "fp8" else "half"
+    check_args(q, cache, indices, fp8_ok=tiles.variant == "ws")
     t, h, _ = q.shape
     r = cache.kv_lora_rank
     if t == 0 or indices.shape[1] == 0:
         return torch.zeros(t, h, r, dtype=q.dtype, device=q.device)
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    tiles = tiles or DEFAULT_TILES
     # Q and Out are addressed with int32 offsets (token * heads * width): very long prefill chunks run in
     # pieces that stay below 2^31 elements.
     heads = -(-h // tiles.block_h) * tiles.block_h
@@ -259,7 +349,11 @@ def sparse_mla(
                 for s in range(0, t, most)
             ]
         )
-    p = plan(t, h, indices.shape[1], _sm_count(index), splits, tiles.block_i, tiles.block_h)
+    sms = _sm_count(index)
+    p = plan(t, h, indices.shape[1], sms, splits, tiles.block_i, tiles.block_h)
+    variant = choose_variant(tiles, r, cache.rope_dim, p.topk // (tiles.block_i * p.splits), kv_format)
+    if variant != p.variant:
+        p = plan(t, h, indices.shape[1], sms, splits, tiles.block_i, tiles.block_h, variant)
     out = _run_kernel(q, cache, indices, sm_scale, p, tiles)
     return out[:, :h].to(q.dtype)
 

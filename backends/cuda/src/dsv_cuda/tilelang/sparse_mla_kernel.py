@@ -13,11 +13,12 @@ partial output and its log2-sum-exp, merged afterwards (:func:`dsv_cuda.tilelang
 # No ``from __future__ import annotations`` here: TileLang evaluates the T.Tensor annotations of the
 # prim_func, which refer to this builder's local variables (string annotations would not resolve).
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 import tilelang
 import tilelang.language as T
+
+from dsv_cuda.tilelang.kernel_key import KernelKey
 
 _LOG2E = 1.4426950408889634
 #: Below any real score times the scale, yet finite: ``m_prev - m_new`` never becomes ``-inf - -inf``.
@@ -28,27 +29,6 @@ PASS_CONFIGS = {
     tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER: True,
     tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: True,
 }
-
-
-@dataclass(frozen=True)
-class KernelKey:
-    """Everything a compiled kernel is specialized for (token and slot counts stay dynamic). The top-k length
-    is static: TileLang 0.1.15's software pipeline cannot be generated for a loop of dynamic length (its
-    cp.async wait counts must be constants)."""
-
-    heads: int  # padded: a multiple of block_h
-    dim: int  # R, the latent width (the output width)
-    tail: int  # Dr, the rope width
-    topk: int  # padded: a multiple of block_i * splits
-    splits: int
-    sm_scale: float
-    dtype: str  # "bfloat16" / "float16": q and KV
-    block_h: int = 64
-    block_i: int = 64
-    num_stages: int = 2
-    threads: int = 256
-    #: KV row addressing: "int32" (slot * width < 2^31, the fast common case) or "int64" for larger caches.
-    index_dtype: str = "int32"
 
 
 def _dynamic(name: str, dtype: str = "int32") -> Any:
@@ -165,4 +145,14 @@ def build_program(key: KernelKey) -> Any:
 @functools.lru_cache(maxsize=64)
 def compiled(key: KernelKey) -> Any:
     """The compiled kernel for ``key`` (compiled once per process and key; TileLang also caches on disk)."""
+    if key.variant == "ws":
+        from dsv_cuda.tilelang.sparse_mla_ws_kernel import build_program as build_ws
+
+        return tilelang.compile(build_ws(key), target="cuda", pass_configs=PASS_CONFIGS)
+    if key.variant == "seesaw":
+        from dsv_cuda.tilelang.sparse_mla_seesaw_kernel import build_program as build_seesaw
+
+        return tilelang.compile(build_seesaw(key), target="cuda", pass_configs=PASS_CONFIGS)
+    if key.variant != "simple":
+        raise ValueError(f"unknown sparse MLA kernel variant {key.variant!r} (simple / ws / seesaw)")
     return tilelang.compile(build_program(key), target="cuda", pass_configs=PASS_CONFIGS)

@@ -1,0 +1,313 @@
+"""The warp-specialized TileLang program of absorbed sparse MLA (imported only when a kernel is compiled).
+
+Same arguments and results as :mod:`dsv_cuda.tilelang.sparse_mla_kernel` (the "simple" program), laid out
+the way FlashMLA's sm90 sparse prefill kernel is: 384 threads in three warpgroups that never wait on each
+other except through shared-memory mbarriers.
+
+* Producer (warpgroup 2, 80 registers): reads the top-k indices of the next 64-row block and gathers those
+  KV rows with 16-byte ``cp.async`` copies into one of two shared buffers, split into the left and right
+  halves of the latent columns and the rope columns. A negative index zero-fills its row instead of reading
+  memory and clears the row's bit in the validity mask. The copies arrive on the buffer's "full" barrier
+  when they land (``cp.async.mbarrier.arrive.noinc``); a plain arrive after the mask stores publishes the
+  mask on the same barrier (its release orders those stores, which the cp.async arrive alone does not).
+* Consumer 0 (warpgroup 0, 240 registers): S = Q K^T over both latent halves and the rope part, the online
+  softmax in the log2 domain, P (bf16) and the per-row rescale factor to shared memory, then
+  O_left += P V_left.
+* Consumer 1 (warpgroup 1, 168 registers): rescales O_right by the factor and adds P V_right.
+
+Two accumulators of [64, 256] fp32 instead of one of [64, 512] is what lets each consumer hold its part of O
+in registers without spilling (ptxas: 0 bytes spilled, against the simple program's spills), and the
+producer's own warpgroup keeps gathers in flight while both consumers compute. P has a single shared buffer:
+consumer 0 writes the next block's P only after consumer 1 has read the previous one (the ``p_free``
+barrier), which costs nothing in practice because consumer 0 has the next QK^T product to compute in between.
+
+With ``kv_format == "fp8"`` (FlashMLA's 656-byte rows: 512 e4m3, 4 fp32 scales, 64 bf16) the producer loads
+the e4m3 bytes and their scales itself, stores bf16(value * scale) into the same bf16 buffers and copies only
+the rope part with cp.async; the consumers are unchanged. (Experimental: compiled, not yet run on a GPU.)
+
+Block ``n`` of a split uses buffer ``n % 2``, so any number of 64-row blocks per split works, odd ones too
+(the caller pads the top-k list with -1 to whole blocks of every split, as for the simple program). Barrier
+phases follow from the block number: buffer ``b``'s "full" and "free" barriers complete once per use of the
+buffer, so block ``n`` waits for parity ``(n // 2) & 1``; the producer's first wait on a "free" barrier asks
+for parity 1 of a fresh barrier, which counts as complete, so no prologue arrives are needed. ``p_ready`` and
+``p_free`` complete once per block: parity ``n & 1`` and its complement.
+"""
+
+# No ``from __future__ import annotations`` here: TileLang evaluates the T.Tensor annotations of the
+# prim_func, which refer to this builder's local variables (string annotations would not resolve).
+from typing import Any
+
+import tilelang.language as T
+
+from dsv_cuda.tilelang.kernel_key import FP8_GROUP as _FP8_GROUP
+from dsv_cuda.tilelang.kernel_key import WS_LANES_PER_ROW as _LANES_PER_ROW
+from dsv_cuda.tilelang.kernel_key import WS_ROWS_PER_PASS as _ROWS_PER_PASS
+from dsv_cuda.tilelang.kernel_key import WS_VEC as _VEC
+from dsv_cuda.tilelang.kernel_key import KernelKey, ws_unsupported
+from dsv_cuda.tilelang.sparse_mla_kernel import _LOG2E, _NEG_INIT, _dynamic
+
+#: e4m3 values each producer lane dequantizes per scale group (8 lanes x 16 = one 128-value group).
+_FP8_CHUNK = _FP8_GROUP // _LANES_PER_ROW
+#: Threads per block: two consumer warpgroups and one producer warpgroup.
+THREADS = 384
+#: Registers per thread of each warpgroup after ``setmaxnreg`` (multiples of 8; 2 * 240 + 168 would exceed
+#: the 64K register file, 240 + 168 + 80 = 488 x 128 threads fits it).
+NREG_CONSUMER0 = 240
+NREG_CONSUMER1 = 168
+NREG_PRODUCER = 80
+
+
+def build_program(key: KernelKey) -> Any:
+    """The warp-specialized ``T.prim_func`` for ``key`` (same arguments as the simple program).
+
+    Q [tokens, heads, dim + tail], KV [slots, dim + tail], Idx [tokens, topk] int32 (negative = unused; topk a
+    multiple of block_i * splits), Out [tokens, heads, dim] (written when splits == 1), Part [part_tokens,
+    splits, heads, dim] fp32 and Lse [part_tokens, splits, heads] fp32 (written when splits > 1).
+    """
+    why = ws_unsupported(key.dim, key.tail, key.block_h, key.block_i, key.kv_format)
+    assert not why, why
+    tokens = _dynamic("tokens")
+    wide = key.index_dtype == "int64"
+    slots = _dynamic("slots", key.index_dtype)
+    part_tokens = _dynamic("part_tokens")
+    H, D, DT, K, S = key.heads, key.dim, key.tail, key.topk, key.splits
+    BH, BI = key.block_h, key.block_i
+    D2 = D // 2
+    dtype, acc = key.dtype, "float32"
+    rep = H // BH  # head blocks per token
+    steps = K // (BI * S)  # KV blocks per split
+    scale = key.sm_scale * _LOG2E  # exp2 domain
+    split_out = S > 1
+    passes = BI // _ROWS_PER_PASS  # producer passes per block
+    chunks = D2 // (_LANES_PER_ROW * _VEC)  # 16-byte copies per thread and row, per latent half
+    tail_chunks = DT // (_LANES_PER_ROW * _VEC)
+    assert H % BH == 0 and K % (BI * S) == 0, key
+    fp8 = key.kv_format == "fp8"
+    # FP8 rows: D e4m3 bytes | D / 128 fp32 scales | DT bf16; KV is then their bytes as float8_e4m3fn.
+    kv_cols = D + (D // _FP8_GROUP) * 4 + DT * 2 if fp8 else D + DT
+    kv_dtype = "float8_e4m3fn" if fp8 else dtype
+    scale_col = D // 4  # first scale, in fp32 units of the row
+    rope_col = (D + (D // _FP8_GROUP) * 4) // 2  # first rope value, in bf16 units of the row
+    groups_half = D2 // _FP8_GROUP  # scale groups per latent half
+
+    @T.prim_func
+    def sparse_mla_ws(
+        Q: T.Tensor((tokens, H, D + DT), dtype),  # type: ignore[valid-type]
+        KV: T.Tensor((slots, kv_cols), kv_dtype),  # type: ignore[valid-type]
+        Idx: T.Tensor((tokens, K), "int32"),  # type: ignore[valid-type]
+        Out: T.Tensor((tokens, H, D), dtype),  # type: ignore[valid-type]
+        Part: T.Tensor((part_tokens, S, H, D), acc),  # type: ignore[valid-type]
+        Lse: T.Tensor((part_tokens, S, H), acc),  # type: ignore[valid-type]
+    ):
+        if fp8:
+            # The same 656-byte rows seen as fp32 (the scales) and as bf16 (the rope part).
+            KVs = T.view(KV, (slots, kv_cols // 4), acc)
+            KVr = T.view(KV, (slots, kv_cols // 2), dtype)
+        with T.Kernel(tokens * rep, S, threads=THREADS) as (bx, by):
+            # 64 + 8 KB of queries, 2 x (64 + 8) KB of KV, 8 KB of P: 224 KB of the 227 KB an sm_90 block
+            # may have. The output goes out through the query buffers (each consumer its own half).
+            q_l = T.alloc_shared((BH, D2), dtype)
+            q_r = T.alloc_shared((BH, D2), dtype)
+            q_t = T.alloc_shared((BH, DT), dtype)
+            kv_l = T.alloc_shared((2, BI, D2), dtype)
+            kv_r = T.alloc_shared((2, BI, D2), dtype)
+            kv_t = T.alloc_shared((2, BI, DT), dtype)
+            p_s = T.alloc_shared((BH, BI), dtype)
+            # One mask per buffer: the producer fills buffer 1's while consumer 0 still reads buffer 0's.
+            valid = T.alloc_shared((2, BI), "bool", scope="shared")
+            alpha_s = T.alloc_shared((BH,), acc, scope="shared")
+            l_s = T.alloc_shared((BH,), acc, scope="shared")
+
+            acc_o_l = T.alloc_fragment((BH, D2), acc)
+            acc_o_r = T.alloc_fragment((BH, D2), acc)
+            acc_s = T.alloc_fragment((BH, BI), acc)
+            m_i = T.alloc_fragment((BH,), acc)
+            m_prev = T.alloc_fragment((BH,), acc)
+            alpha = T.alloc_fragment((BH,), acc)
+            l_i = T.alloc_fragment((BH,), acc)
+            l_blk = T.alloc_fragment((BH,), acc)
+            rows = T.alloc_local((passes,), "int32")
+
+            # q_ready: both consumers' shares of the query copy. full: cp.async arrivals (noinc) plus the
+            # producer's plain arrive after the mask. free: both consumers done with a buffer.
+            q_ready = T.alloc_barrier(256)
+            full = T.alloc_barrier([256, 256])
+            free = T.alloc_barrier([256, 256])
+            p_ready = T.alloc_barrier(128)  # consumer 0 wrote P and the rescale factors
+            p_free = T.alloc_barrier(128)  # consumer 1 finished reading them
+            l_ready = T.alloc_barrier(128)  # consumer 0 wrote the softmax denominators
+
+            t = bx // rep
+            h0 = (bx % rep) * BH
+            k0 = by * (steps * BI)
+            tx = T.get_thread_binding()
+
+            if tx < 128:
+                T.set_max_nreg(NREG_CONSUMER0, 1)
+                T.fill(acc_o_l, 0)
+                T.fill(l_i, 0)
+                T.fill(m_i, _NEG_INIT)
+                # The consumers load the queries (consumer 1 the right half) while the producer already
+                # gathers: 128 threads copy in whole 16-byte vectors, 384 would not divide the tile.
+                T.copy(Q[t, h0 : h0 + BH, 0:D2], q_l)
+                T.copy(Q[t, h0 : h0 + BH, D : D + DT], q_t)
+                T.barrier_arrive(q_ready)
+                T.barrier_wait(q_ready, 0)
+                for n in T.serial(steps):
+                    b = n % 2
+                    T.barrier_wait(full[b], (n // 2) % 2)
+                    # Masked columns start at -inf; the GEMMs accumulate onto this initial value.
+                    for h, j in T.Parallel(BH, BI):
+                        acc_s[h, j] = T.if_then_else(valid[b, j], 0, -T.infinity(acc))
+                    T.wgmma_gemm(q_l, kv_l[b, :, :], acc_s, transpose_B=True)
+                    T.wgmma_gemm(q_r, kv_r[b, :, :], acc_s, transpose_B=True)
+                    T.wgmma_gemm(q_t, kv_t[b, :, :], acc_s, transpose_B=True)
+                    T.wait_wgmma(0)
+                    T.copy(m_i, m_prev)
+                    T.reduce_max(acc_s, m_i, dim=1, clear=False)
+                    for h in T.Parallel(BH):
+                        alpha[h] = T.exp2((m_prev[h] - m_i[h]) * scale)
+                    for h, j in T.Parallel(BH, BI):
+                        acc_s[h, j] = T.exp2(acc_s[h, j] * scale - m_i[h] * scale)
+                    T.reduce_sum(acc_s, l_blk, dim=1)
+                    for h in T.Parallel(BH):
+                        l_i[h] = l_i[h] * alpha[h] + l_blk[h]
+                    for h, d in T.Parallel(BH, D2):
+                        acc_o_l[h, d] = acc_o_l[h, d] * alpha[h]
+                    # P and alpha_s are single buffers: wait until consumer 1 has used the previous block's.
+                    T.barrier_wait(p_free, 1 - b)
+                    for h in T.Parallel(BH):
+                        alpha_s[h] = alpha[h]
+                    T.copy(acc_s, p_s)
+                    # Both consumers' wgmma read P through the async proxy: order the generic stores first.
+                    T.fence_proxy_async()
+                    T.barrier_arrive(p_ready)
+                    T.wgmma_gemm(p_s, kv_l[b, :, :], acc_o_l)
+                    # Waiting here, not after the next QK^T, hands the buffer back one QK^T earlier: the
+                    # producer's gather of block n + 2 then has a whole block's compute to hide behind
+                    # (measured on the H200: deferring the wait was 5-10% slower at decode B64 / B128).
+                    T.wait_wgmma(0)
+                    T.barrier_arrive(free[b])
+                for h in T.Parallel(BH):
+                    l_s[h] = l_i[h]
+                T.barrier_arrive(l_ready)
+                # A head with no valid key in this range has l_i == 0: its output is 0 (and its lse -inf).
+                for h, d in T.Parallel(BH, D2):
+                    acc_o_l[h, d] = T.if_then_else(l_i[h] > 0, acc_o_l[h, d] / l_i[h], 0)
+                if split_out:
+                    T.copy(acc_o_l, Part[t, by, h0 : h0 + BH, 0:D2])
+                    for h in T.Parallel(BH):
+                        Lse[t, by, h0 + h] = T.if_then_else(
+                            l_i[h] > 0, T.log2(l_i[h]) + m_i[h] * scale, -T.infinity(acc)
+                        )
+                else:
+                    # Through shared memory (q_l is free: the last QK^T product has completed) for
+                    # coalesced 16-byte stores.
+                    T.copy(acc_o_l, q_l)
+                    T.copy(q_l, Out[t, h0 : h0 + BH, 0:D2])
+            elif tx < 256:
+                T.set_max_nreg(NREG_CONSUMER1, 1)
+                T.fill(acc_o_r, 0)
+                T.copy(Q[t, h0 : h0 + BH, D2:D], q_r)
+                # Consumer 0's wgmma reads these stores through the async proxy.
+                T.fence_proxy_async()
+                T.barrier_arrive(q_ready)
+                for n in T.serial(steps):
+                    b = n % 2
+                    T.barrier_wait(p_ready, b)
+                    for h, d in T.Parallel(BH, D2):
+                        acc_o_r[h, d] = acc_o_r[h, d] * alpha_s[h]
+                    T.wgmma_gemm(p_s, kv_r[b, :, :], acc_o_r)
+                    T.wait_wgmma(0)
+                    T.barrier_arrive(p_free)
+                    T.barrier_arrive(free[b])
+                T.barrier_wait(l_ready, 0)
+                for h, d in T.Parallel(BH, D2):
+                    acc_o_r[h, d] = T.if_then_else(l_s[h] > 0, acc_o_r[h, d] / l_s[h], 0)
+                if split_out:
+                    T.copy(acc_o_r, Part[t, by, h0 : h0 + BH, D2:D])
+                else:
+                    # q_r is free: consumer 0 finished its last QK^T before it published the last P.
+                    T.copy(acc_o_r, q_r)
+                    T.copy(q_r, Out[t, h0 : h0 + BH, D2:D])
+            else:
+                T.set_max_nreg(NREG_PRODUCER, 0)
+                lane = tx - 256
+                r0 = lane // _LANES_PER_ROW
+                c0 = (lane % _LANES_PER_ROW) * _VEC
+                c16 = (lane % _LANES_PER_ROW) * _FP8_CHUNK
+                for n in T.serial(steps):
+                    b = n % 2
+                    base = k0 + n * BI
+                    # Index loads first: their latency overlaps the wait for the buffer.
+                    for p in T.unroll(passes):
+                        rows[p] = Idx[t, base + p * _ROWS_PER_PASS + r0]
+                    T.barrier_wait(free[b], (n // 2) % 2 ^ 1)
+                    for p in T.unroll(passes):
+                        j = p * _ROWS_PER_PASS + r0
+                        valid[b, j] = rows[p] >= 0
+                        # A negative index reads row 0 (always allocated) with the copy predicated off:
+                        # cp.async then zero-fills, so the masked row's P = 0 multiplies zeros, never
+                        # stale bits.
+                        # (A statement, not a conditional expression: TileLang's frontend traces the
+                        # branch on this Python bool and emits only the taken one.)
+                        if wide:  # noqa: SIM108
+                            src = T.cast(T.max(rows[p], 0), "int64")
+                        else:
+                            src = T.max(rows[p], 0)
+                        if fp8:
+                            # FlashMLA's FP8 rows: each lane dequantizes 16 e4m3 values of each 128-value
+                            # scale group, bf16(fp8 * scale) as the torch unpacking rounds them, and stores
+                            # them itself (masked rows as zeros); only the bf16 rope part goes by cp.async.
+                            for u in T.unroll(groups_half):
+                                col = u * _FP8_GROUP + c16
+                                s_l = KVs[src, scale_col + u]
+                                s_r = KVs[src, scale_col + groups_half + u]
+                                for v in T.vectorized(_FP8_CHUNK):
+                                    kv_l[b, j, col + v] = T.if_then_else(
+                                        rows[p] >= 0, T.cast(T.cast(KV[src, col + v], acc) * s_l, dtype), 0
+                                    )
+                                for v in T.vectorized(_FP8_CHUNK):
+                                    kv_r[b, j, col + v] = T.if_then_else(
+                                        rows[p] >= 0,
+                                        T.cast(T.cast(KV[src, D2 + col + v], acc) * s_r, dtype),
+                                        0,
+                                    )
+                            for u in T.unroll(tail_chunks):
+                                col = u * (_LANES_PER_ROW * _VEC) + c0
+                                T.ptx_cp_async(
+                                    T.access_ptr(kv_t[b, j, col], "w", _VEC),
+                                    T.access_ptr(KVr[src, rope_col + col], "r", _VEC),
+                                    _VEC,
+                                    predicate=rows[p] >= 0,
+                                )
+                        else:
+                            for u in T.unroll(chunks):
+                                col = u * (_LANES_PER_ROW * _VEC) + c0
+                                T.ptx_cp_async(
+                                    T.access_ptr(kv_l[b, j, col], "w", _VEC),
+                                    T.access_ptr(KV[src, col], "r", _VEC),
+                                    _VEC,
+                                    predicate=rows[p] >= 0,
+                                )
+                                T.ptx_cp_async(
+                                    T.access_ptr(kv_r[b, j, col], "w", _VEC),
+                                    T.access_ptr(KV[src, D2 + col], "r", _VEC),
+                                    _VEC,
+                                    predicate=rows[p] >= 0,
+                                )
+                            for u in T.unroll(tail_chunks):
+                                col = u * (_LANES_PER_ROW * _VEC) + c0
+                                T.ptx_cp_async(
+                                    T.access_ptr(kv_t[b, j, col], "w", _VEC),
+                                    T.access_ptr(KV[src, D + col], "r", _VEC),
+                                    _VEC,
+                                    predicate=rows[p] >= 0,
+                                )
+                    if fp8:
+                        # The dequantized stores are generic-proxy writes read by wgmma (async proxy).
+                        T.fence_proxy_async()
+                    T.cp_async_barrier_noinc(full[b])
+                    T.barrier_arrive(full[b])
+
+    return sparse_mla_ws
