@@ -6,6 +6,9 @@
 #   ncu      Nsight Compute on the target kernels (CSV)         indexer  kernels.py --only indexer
 #   moe      the Triton fused-MoE tile sweep at 32K / 65K routed rows
 #   tests    the Triton indexer / top-k tests compiled for the GPU (TRITON_INTERPRET=0)
+#   sparse   kernels.py --only sparse_mla (decode and prefill)    tlcheck  tilelang_check.py $TL_ARGS (default --variants ws --quick)
+#   conformance  the conformance ops tier for CONF_OPS (default: sparse MLA, indexer, fused MoE)
+# PACK=1 puts every result into $OUT/all.tgz (a device call returns at most 8 files).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -45,5 +48,26 @@ if step ncu; then
     python3 benchmarks/ncu_targets.py --only "${NCU_ONLY:-sparse_mla_decode,indexer}" > "$OUT/ncu.txt" 2> "$OUT/ncu.err"
   ncu --import "$OUT/ncu.ncu-rep" --csv --page details > "$OUT/ncu.csv" 2>> "$OUT/ncu.err"
 fi
-for f in indexer kernels slice moe_sweep; do [ -f "$OUT/$f.txt" ] && tail -n 40 "$OUT/$f.txt"; done
+if step sparse; then
+  # Sparse MLA decode (bf16 / FP8 KV, B1-128) and prefill (4K-64K): every registered kernel, CUDA graphs too.
+  timeout 300 python3 benchmarks/kernels.py --only sparse_mla --graphs --budget-s 240 --out "$OUT/sparse.json" \
+    > "$OUT/sparse.txt" 2>&1
+fi
+if step tlcheck; then
+  # dsv's TileLang sparse MLA variants against the torch reference, then timed (FP8-row "ws" section included).
+  timeout 300 python3 backends/cuda/scripts/tilelang_check.py ${TL_ARGS:---variants ws --quick} \
+    --out "$OUT/tl.json" > "$OUT/tl.txt" 2>&1
+fi
+if step conformance; then
+  # The ops tier of the conformance suite for the kernels these runs change (report as JSON + markdown).
+  timeout 300 python3 -c 'import sys; from dsv.server.cli import main; sys.exit(main())' conformance --device cuda --tiers ops --quick -q --report "$OUT/conformance" \
+    --ops "${CONF_OPS:-sparse_mla_decode,sparse_mla_prefill,indexer_topk_decode,indexer_topk_prefill,fused_moe}" \
+    > "$OUT/conformance.txt" 2>&1
+  tail -n 25 "$OUT/conformance.txt"
+fi
+for f in indexer kernels slice moe_sweep sparse tl; do [ -f "$OUT/$f.txt" ] && tail -n 40 "$OUT/$f.txt"; done
 grep -E "^(profiled|failed|skipped)" "$OUT/ncu.txt" 2>/dev/null | head -30; wc -l "$OUT/ncu.csv" 2>/dev/null
+if [ -n "${PACK:-}" ]; then
+  # At most 8 files come back from a device call: keep everything in one archive.
+  tar czf /tmp/all.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/all.tgz "$OUT/all.tgz"
+fi
