@@ -13,6 +13,7 @@ from typing import Any
 from dsv.backend.interface import OPS, Kernel
 from dsv.backend.reference import reference_kernel
 from dsv_cuda import tilelang as tilelang_kernels
+from dsv_cuda import tilelang_moe
 from dsv_cuda.adapters import deepgemm, fa3, flashmla, grouped_mm, scaled_mm
 from dsv_cuda.libraries import (
     DEEP_GEMM,
@@ -105,6 +106,14 @@ def build_kernels(arch: tuple[int, int] | None) -> dict[str, list[Kernel]]:
         "mha_prefill": [_kernel("mha_prefill", "fa3", fa3.mha_prefill, fa, "FA3 flash_attn_varlen_func")],
         "fused_moe": [
             _kernel("fused_moe", "deep_gemm", deepgemm.fused_moe, dg, "DeepGEMM m_grouped contiguous"),
+            _kernel(
+                "fused_moe",
+                "tilelang",
+                tilelang_moe.fused_moe,
+                tl,
+                "dsv TileLang m-grouped contiguous FP8 GEMMs, FP8 experts (compiled on first use; "
+                "Triton below 4096 routed rows)",
+            ),
             # Chosen by name only (requirements.OPT_IN): row-wise FP8 requantization changes the numerics.
             _kernel(
                 "fused_moe",

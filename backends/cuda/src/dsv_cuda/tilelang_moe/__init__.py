@@ -1,0 +1,19 @@
+"""dsv's TileLang fused MoE for the CUDA backend: an m-grouped contiguous FP8 GEMM (DeepGEMM's layout) for
+both GEMMs of the routed experts.
+
+Importing this package imports neither ``tilelang`` nor ``triton``: availability is
+:func:`dsv_cuda.tilelang.tilelang_status` (tilelang importable, sm_90), and the kernels are compiled at their
+first call (per weight shape, output dtype and tile config; the row count stays dynamic).
+
+Modules:
+    plan: compiled-kernel keys, tile choice and what the program refuses (pure Python).
+    kernel: the TileLang program (imports tilelang).
+    moe: ``fused_moe`` (the torch side: layout, quantization, launches) and a torch emulation of the kernel.
+    combine: the weighted top-k sum (Triton).
+"""
+
+from __future__ import annotations
+
+from dsv_cuda.tilelang_moe.moe import fused_moe
+
+__all__ = ["fused_moe"]
