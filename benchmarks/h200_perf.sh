@@ -8,10 +8,15 @@
 #   tests    the Triton indexer / top-k tests compiled for the GPU (TRITON_INTERPRET=0)
 #   sparse   kernels.py --only sparse_mla (decode and prefill)    tlcheck  tilelang_check.py $TL_ARGS (default --variants ws --quick)
 #   conformance  the conformance ops tier for CONF_OPS (default: sparse MLA, indexer, fused MoE)
-# PACK=1 puts every result into $OUT/all.tgz (a device call returns at most 8 files).
+# PACK=1 puts every result into $OUT/all.tgz, refreshed after each step (a device call returns at most 8 files).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+FINAL_OUT=$OUT
+if [ -n "${PACK:-}" ]; then OUT=/tmp/res; mkdir -p "$OUT"; fi
+# With PACK the archive is refreshed after every step, so a call cut short at its time limit still returns the
+# steps that finished.
+pack() { if [ -n "${PACK:-}" ]; then tar czf "$FINAL_OUT/all.tgz.tmp" -C "$OUT" . && mv "$FINAL_OUT/all.tgz.tmp" "$FINAL_OUT/all.tgz"; fi; }
 export PYTHONUNBUFFERED=1 DSV_CACHE_DIR=/tmp/dsvc HF_HUB_OFFLINE=1
 export LD_LIBRARY_PATH=/tmp/z3site/z3/lib:${LD_LIBRARY_PATH:-}
 pip install -q --no-index --no-deps --no-compile --target /tmp/tl .whl/tilelang/*.whl > "$OUT/install.txt" 2>&1
@@ -19,10 +24,11 @@ pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .w
 export PYTHONPATH=/tmp/tl:/tmp/site:/tmp/z3site
 python3 -m pip install -q --no-deps --no-build-isolation -e . -e backends/cuda >> "$OUT/install.txt" 2>&1
 STEPS=",${STEPS:-kernels,slice,moe,ncu},"
-step() { case "$STEPS" in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+step() { pack; case "$STEPS" in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 if step tests; then
   TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q tests/test_triton_indexer.py tests/test_triton_topk_multiblock.py \
-    > "$OUT/tests.txt" 2>&1
+    tests/test_cuda_tilelang.py tests/test_cuda_tilelang_moe.py > "$OUT/tests.txt" 2>&1
+  tail -n 5 "$OUT/tests.txt"
   tail -n 5 "$OUT/tests.txt"
 fi
 if step indexer; then
@@ -53,21 +59,18 @@ if step sparse; then
   timeout 300 python3 benchmarks/kernels.py --only sparse_mla --graphs --budget-s 240 --out "$OUT/sparse.json" \
     > "$OUT/sparse.txt" 2>&1
 fi
-if step tlcheck; then
-  # dsv's TileLang sparse MLA variants against the torch reference, then timed (FP8-row "ws" section included).
-  timeout 300 python3 backends/cuda/scripts/tilelang_check.py ${TL_ARGS:---variants ws --quick} \
-    --out "$OUT/tl.json" > "$OUT/tl.txt" 2>&1
-fi
 if step conformance; then
   # The ops tier of the conformance suite for the kernels these runs change (report as JSON + markdown).
-  timeout 300 python3 -c 'import sys; from dsv.server.cli import main; sys.exit(main())' conformance --device cuda --tiers ops --quick -q --report "$OUT/conformance" \
-    --ops "${CONF_OPS:-sparse_mla_decode,sparse_mla_prefill,indexer_topk_decode,indexer_topk_prefill,fused_moe}" \
+  timeout 180 python3 -c 'import sys; from dsv.server.cli import main; sys.exit(main())' conformance \
+    --device cuda --tiers ops --quick -q --report "$OUT/conformance" --ops "${CONF_OPS:-sparse_mla_decode,sparse_mla_prefill,indexer_topk_decode,indexer_topk_prefill,fused_moe}" \
     > "$OUT/conformance.txt" 2>&1
   tail -n 25 "$OUT/conformance.txt"
 fi
+if step tlcheck; then
+  # dsv's TileLang sparse MLA variants against the torch reference, then timed (FP8-row "ws" section included).
+  timeout 200 python3 backends/cuda/scripts/tilelang_check.py ${TL_ARGS:---variants ws --quick} \
+    --out "$OUT/tl.json" > "$OUT/tl.txt" 2>&1
+fi
 for f in indexer kernels slice moe_sweep sparse tl; do [ -f "$OUT/$f.txt" ] && tail -n 40 "$OUT/$f.txt"; done
 grep -E "^(profiled|failed|skipped)" "$OUT/ncu.txt" 2>/dev/null | head -30; wc -l "$OUT/ncu.csv" 2>/dev/null
-if [ -n "${PACK:-}" ]; then
-  # At most 8 files come back from a device call: keep everything in one archive.
-  tar czf /tmp/all.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/all.tgz "$OUT/all.tgz"
-fi
+pack
