@@ -29,7 +29,6 @@ if step tests; then
   TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q tests/test_triton_indexer.py tests/test_triton_topk_multiblock.py \
     tests/test_cuda_tilelang.py tests/test_cuda_tilelang_moe.py > "$OUT/tests.txt" 2>&1
   tail -n 5 "$OUT/tests.txt"
-  tail -n 5 "$OUT/tests.txt"
 fi
 if step indexer; then
   timeout 200 python3 benchmarks/kernels.py --only indexer_decode --graphs --out "$OUT/indexer.json" \
