@@ -82,8 +82,11 @@ def test_table_lists_tilelang_unavailable_without_the_package(tilelang_installed
         assert k.fn is not None  # the real kernel, refused by availability, not a placeholder
 
 
-def test_table_without_gpu_gives_the_gpu_reason(tilelang_installed):
+def test_table_without_gpu_gives_the_gpu_reason(tilelang_installed, monkeypatch):
     tilelang_installed(True)
+    import dsv_cuda.backend
+
+    monkeypatch.setattr(dsv_cuda.backend, "device_arch", lambda device: None)  # no GPU, even on a GPU host
     k = _entry(CudaBackend(arch=None), "sparse_mla_decode")
     assert not k.available and "sm_90" in k.reason
 

@@ -36,6 +36,7 @@ from dsv.kernels.triton.topk import _radix_topk_kernel, _sort_key, row_length
 _ALL_FINITE: tl.constexpr = tl.constexpr(0x00800000)
 #: Group maxima the logits kernel aims at per row, in units of its key block: 32 x 128 = 4096 at 128K keys.
 GROUP_BLOCKS = 32
+_GROUP_BLOCKS: tl.constexpr = tl.constexpr(GROUP_BLOCKS)  # the same, as jitted code reads globals
 
 
 @triton.jit
@@ -47,7 +48,7 @@ def group_layout(n, ITERS: tl.constexpr, BLOCK_S: tl.constexpr):
     ``sub`` follows the row's own length, so every row gets about ``GROUP_BLOCKS * BLOCK_S`` groups: a short
     row in a batch of long ones still has at least k of them (with one grouping per launch, sized for the
     longest row, a 30K-key row in a 128K batch had too few groups to bound its threshold)."""
-    sub = tl.minimum(tl.maximum(n // (GROUP_BLOCKS * BLOCK_S), 1), ITERS)
+    sub = tl.minimum(tl.maximum(n // (_GROUP_BLOCKS * BLOCK_S), 1), ITERS)
     runs = tl.cdiv(ITERS, sub)
     return sub, runs, tl.cdiv(n, ITERS * BLOCK_S) * runs * BLOCK_S
 
