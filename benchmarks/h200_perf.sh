@@ -6,7 +6,7 @@
 #   ncu      Nsight Compute on the target kernels (CSV)         indexer  kernels.py --only indexer
 #   moe      the Triton fused-MoE tile sweep at 32K / 65K routed rows
 #   tests    the Triton indexer / top-k tests compiled for the GPU (TRITON_INTERPRET=0)
-#   sparse   kernels.py --only sparse_mla (decode and prefill)    tlcheck  tilelang_check.py $TL_ARGS (default --variants ws --quick)
+#   sparse   kernels.py --only $SPARSE_ONLY (default sparse_mla: decode and prefill), $SPARSE_BUDGET s    tlcheck  tilelang_check.py $TL_ARGS (default --variants ws --quick)
 #   conformance  the conformance ops tier for CONF_OPS (default: sparse MLA, indexer, fused MoE)
 # PACK=1 puts every result into $OUT/all.tgz, refreshed after each step (a device call returns at most 8 files).
 set -u
@@ -55,8 +55,8 @@ if step ncu; then
 fi
 if step sparse; then
   # Sparse MLA decode (bf16 / FP8 KV, B1-128) and prefill (4K-64K): every registered kernel, CUDA graphs too.
-  timeout 300 python3 benchmarks/kernels.py --only sparse_mla --graphs --budget-s 240 --out "$OUT/sparse.json" \
-    > "$OUT/sparse.txt" 2>&1
+  timeout $((${SPARSE_BUDGET:-240} + 60)) python3 benchmarks/kernels.py --only "${SPARSE_ONLY:-sparse_mla}" --graphs \
+    --budget-s "${SPARSE_BUDGET:-240}" --out "$OUT/sparse.json" > "$OUT/sparse.txt" 2>&1
 fi
 if step conformance; then
   # The ops tier of the conformance suite for the kernels these runs change (report as JSON + markdown).
