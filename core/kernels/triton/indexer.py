@@ -30,6 +30,54 @@ _FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.flo
 
 
 @triton.jit
+def _block_scores(
+    q,
+    w,
+    key_ptr,
+    scale_ptr,
+    bt_ptr,
+    out_row,
+    seq,
+    pos,
+    s0,
+    L,
+    stride_bt,
+    D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    QUANT: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    """Scores of keys s0 .. s0 + BLOCK_S - 1 of one token (-inf past its position), stored to the logits row
+    and returned."""
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    visible = offs_s <= pos
+    page = tl.load(bt_ptr + seq * stride_bt + offs_s // PAGE, mask=visible, other=0).to(tl.int64)
+    off = offs_s % PAGE
+    kmask = visible[:, None] & dmask[None, :]
+    if QUANT:
+        # Page layout: PAGE * D e4m3 bytes, then PAGE fp32 scales.
+        k_offs = page[:, None] * (PAGE * (D + 4)) + off[:, None] * D + offs_d[None, :]
+        k = tl.load(key_ptr + k_offs, mask=kmask, other=0.0)
+        k_scale = tl.load(scale_ptr + page * (PAGE * (D + 4) // 4) + PAGE * D // 4 + off, mask=visible)
+    else:
+        k_offs = (page[:, None] * PAGE + off[:, None]) * D + offs_d[None, :]
+        k = tl.load(key_ptr + k_offs, mask=kmask, other=0.0)
+    # Keys as the M side ([BLOCK_S, BLOCK_H]): the head sum then stays inside a warp (no cross-warp reduce).
+    dots = tl.dot(k.to(COMPUTE), tl.trans(q), input_precision="ieee")
+    score = tl.sum(tl.maximum(dots, 0.0) * w[None, :], axis=1)
+    if QUANT:
+        # The scale is positive (a power of two), so it commutes with ReLU and the head sum.
+        score = score * k_scale
+    score = tl.where(visible, score, float("-inf"))
+    tl.store(out_row + offs_s, score, mask=offs_s < L)
+    return score
+
+
+@triton.jit
 def _indexer_logits_kernel(
     q_ptr,
     w_ptr,
@@ -79,48 +127,35 @@ def _indexer_logits_kernel(
         tl.minimum(tl.maximum(pos + 1 - start, 0), ITERS * BLOCK_S), BLOCK_S
     )  # blocks with a visible key
     out_row = out_ptr + t * stride_ot
-    gmax = tl.full([BLOCK_S], float("-inf"), tl.float32)
     if GROUP_MAX:
         # This row's grouping (topk_multiblock.group_layout): `sub` blocks per group, `runs` groups per lane.
+        # One pipelined inner loop per group, its maximum stored after it: at long context a program is one
+        # group (sub == ITERS), the same loop as without group maxima.
         sub, runs, _ = group_layout(tl.minimum(pos + 1, L), ITERS, BLOCK_S)
         g_row = gmax_ptr + t * stride_gt + chunk * runs * BLOCK_S
-    for i in tl.range(0, live, num_stages=STAGES):  # one q load serves ITERS blocks of keys
-        offs_s = start + i * BLOCK_S + lane
-        visible = offs_s <= pos
-        page = tl.load(bt_ptr + seq * stride_bt + offs_s // PAGE, mask=visible, other=0).to(tl.int64)
-        off = offs_s % PAGE
-        kmask = visible[:, None] & dmask[None, :]
-        if QUANT:
-            # Page layout: PAGE * D e4m3 bytes, then PAGE fp32 scales.
-            k_offs = page[:, None] * (PAGE * (D + 4)) + off[:, None] * D + offs_d[None, :]
-            k = tl.load(key_ptr + k_offs, mask=kmask, other=0.0)
-            k_scale = tl.load(scale_ptr + page * (PAGE * (D + 4) // 4) + PAGE * D // 4 + off, mask=visible)
-        else:
-            k_offs = (page[:, None] * PAGE + off[:, None]) * D + offs_d[None, :]
-            k = tl.load(key_ptr + k_offs, mask=kmask, other=0.0)
-        # Keys as the M side ([BLOCK_S, BLOCK_H]): the head sum then stays inside a warp (no cross-warp reduce).
-        dots = tl.dot(k.to(COMPUTE), tl.trans(q), input_precision="ieee")
-        score = tl.sum(tl.maximum(dots, 0.0) * w[None, :], axis=1)
-        if QUANT:
-            # The scale is positive (a power of two), so it commutes with ReLU and the head sum.
-            score = score * k_scale
-        score = tl.where(visible, score, float("-inf"))
-        tl.store(out_row + offs_s, score, mask=offs_s < L)
-        if GROUP_MAX:
-            # Lane j's maximum over `sub` blocks: a group of keys BLOCK_S apart (see topk_multiblock).
-            # Branch-free (a predicated store and a select) so the loop stays software-pipelined.
-            gmax = tl.maximum(gmax, score)
-            last = ((i + 1) % sub == 0) | (i + 1 == live)
-            tl.store(g_row + (i // sub) * BLOCK_S + lane, gmax, mask=lane < tl.where(last, BLOCK_S, 0))
-            gmax = tl.where(last, float("-inf"), gmax)
-    for i in range(live, ITERS):  # blocks past the token's position: -inf, no key reads
-        offs_s = start + i * BLOCK_S + lane
-        tl.store(out_row + offs_s, tl.full([BLOCK_S], float("-inf"), tl.float32), mask=offs_s < L)
-    if GROUP_MAX:
+        for r in range(0, tl.cdiv(live, sub)):
+            gmax = tl.full([BLOCK_S], float("-inf"), tl.float32)
+            for i in tl.range(r * sub, tl.minimum(r * sub + sub, live), num_stages=STAGES):
+                score = _block_scores(
+                    q, w, key_ptr, scale_ptr, bt_ptr, out_row, seq, pos, start + i * BLOCK_S, L, stride_bt,
+                    D, PAGE, BLOCK_D, BLOCK_S, QUANT, COMPUTE,
+                )  # fmt: skip
+                # Lane j's maximum over `sub` blocks: a group of keys BLOCK_S apart (see topk_multiblock).
+                gmax = tl.maximum(gmax, score)
+            tl.store(g_row + r * BLOCK_S + lane, gmax)
         # The rest of this program's groups, when it holds some of the row (the row's groups end after its
         # last live chunk; later programs own no slots).
         for r in range(tl.cdiv(live, sub), tl.where(live > 0, runs, 0)):
             tl.store(g_row + r * BLOCK_S + lane, tl.full([BLOCK_S], float("-inf"), tl.float32))
+    else:
+        for i in tl.range(0, live, num_stages=STAGES):  # one q load serves ITERS blocks of keys
+            _block_scores(
+                q, w, key_ptr, scale_ptr, bt_ptr, out_row, seq, pos, start + i * BLOCK_S, L, stride_bt,
+                D, PAGE, BLOCK_D, BLOCK_S, QUANT, COMPUTE,
+            )  # fmt: skip
+    for i in range(live, ITERS):  # blocks past the token's position: -inf, no key reads
+        offs_s = start + i * BLOCK_S + lane
+        tl.store(out_row + offs_s, tl.full([BLOCK_S], float("-inf"), tl.float32), mask=offs_s < L)
 
 
 def default_iters(length: int, block_s: int) -> int:
