@@ -102,9 +102,9 @@ def _layout_group_max(logits: torch.Tensor, visible: list[int], iters: int, bloc
     [
         (None, 2),  # short rows: one block per group
         (
-            [(0, 1), (1599, 1), (299, 1), (40, 1)],
+            [(0, 1), (1599, 1), (299, 1), (40, 1), (2199, 1)],
             4,
-        ),  # a decode batch of mixed lengths: 1, 2 or 3 blocks/group
+        ),  # mixed lengths: 1, 3 or 4 (= iters) blocks per group
     ],
 )
 def test_indexer_multiblock_matches_reference(spans: list[tuple[int, int]] | None, iters: int) -> None:

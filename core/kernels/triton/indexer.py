@@ -129,24 +129,35 @@ def _indexer_logits_kernel(
     out_row = out_ptr + t * stride_ot
     if GROUP_MAX:
         # This row's grouping (topk_multiblock.group_layout): `sub` blocks per group, `runs` groups per lane.
-        # One pipelined inner loop per group, its maximum stored after it: at long context a program is one
-        # group (sub == ITERS), the same loop as without group maxima.
+        # Short rows: one pipelined inner loop per group, its maximum stored after it.
         sub, runs, _ = group_layout(tl.minimum(pos + 1, L), ITERS, BLOCK_S)
         g_row = gmax_ptr + t * stride_gt + chunk * runs * BLOCK_S
-        for r in range(0, tl.cdiv(live, sub)):
+        if sub < ITERS:  # a row shorter than the launch's longest: several groups per program
+            for r in range(0, tl.cdiv(live, sub)):
+                gmax = tl.full([BLOCK_S], float("-inf"), tl.float32)
+                for i in tl.range(r * sub, tl.minimum(r * sub + sub, live), num_stages=STAGES):
+                    score = _block_scores(
+                        q, w, key_ptr, scale_ptr, bt_ptr, out_row, seq, pos, start + i * BLOCK_S, L,
+                        stride_bt, D, PAGE, BLOCK_D, BLOCK_S, QUANT, COMPUTE,
+                    )  # fmt: skip
+                    # Lane j's maximum over `sub` blocks: a group of keys BLOCK_S apart (see topk_multiblock).
+                    gmax = tl.maximum(gmax, score)
+                tl.store(g_row + r * BLOCK_S + lane, gmax)
+            # The rest of this program's groups, when it holds some of the row (the row's groups end after
+            # its last live chunk; later programs own no slots).
+            for r in range(tl.cdiv(live, sub), tl.where(live > 0, runs, 0)):
+                tl.store(g_row + r * BLOCK_S + lane, tl.full([BLOCK_S], float("-inf"), tl.float32))
+        else:
+            # One group per program (runs == 1): a single pipelined loop, the maximum stored after it (the
+            # nested form above measured ~10% slower at 128K x B64 on the H200).
             gmax = tl.full([BLOCK_S], float("-inf"), tl.float32)
-            for i in tl.range(r * sub, tl.minimum(r * sub + sub, live), num_stages=STAGES):
+            for i in tl.range(0, live, num_stages=STAGES):
                 score = _block_scores(
                     q, w, key_ptr, scale_ptr, bt_ptr, out_row, seq, pos, start + i * BLOCK_S, L, stride_bt,
                     D, PAGE, BLOCK_D, BLOCK_S, QUANT, COMPUTE,
                 )  # fmt: skip
-                # Lane j's maximum over `sub` blocks: a group of keys BLOCK_S apart (see topk_multiblock).
                 gmax = tl.maximum(gmax, score)
-            tl.store(g_row + r * BLOCK_S + lane, gmax)
-        # The rest of this program's groups, when it holds some of the row (the row's groups end after its
-        # last live chunk; later programs own no slots).
-        for r in range(tl.cdiv(live, sub), tl.where(live > 0, runs, 0)):
-            tl.store(g_row + r * BLOCK_S + lane, tl.full([BLOCK_S], float("-inf"), tl.float32))
+            tl.store(g_row + lane, gmax)
     else:
         for i in tl.range(0, live, num_stages=STAGES):  # one q load serves ITERS blocks of keys
             _block_scores(
