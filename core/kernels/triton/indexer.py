@@ -14,7 +14,7 @@ import triton.language as tl
 
 from dsv.kernels.triton.common import dot_dtype
 from dsv.kernels.triton.topk import topk_indices
-from dsv.kernels.triton.topk_multiblock import group_layout, group_width, topk_indices_filtered
+from dsv.kernels.triton.topk_multiblock import topk_indices_filtered
 from dsv.ops.indexer import topk_positions
 from dsv.ops.kv_cache import IndexKCacheLayer
 from dsv.ops.metadata import AttentionMetadata
@@ -27,54 +27,6 @@ _RADIX_MAX_LEN = 8192
 # candidate buffers (64 KB + 64 KB per row) would grow a long prefill's memory.
 _MULTIBLOCK_MAX_ROWS = 1024
 _FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
-
-
-@triton.jit
-def _block_scores(
-    q,
-    w,
-    key_ptr,
-    scale_ptr,
-    bt_ptr,
-    out_row,
-    seq,
-    pos,
-    s0,
-    L,
-    stride_bt,
-    D: tl.constexpr,
-    PAGE: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    QUANT: tl.constexpr,
-    COMPUTE: tl.constexpr,
-):
-    """Scores of keys s0 .. s0 + BLOCK_S - 1 of one token (-inf past its position), stored to the logits row
-    and returned."""
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    offs_s = s0 + tl.arange(0, BLOCK_S)
-    visible = offs_s <= pos
-    page = tl.load(bt_ptr + seq * stride_bt + offs_s // PAGE, mask=visible, other=0).to(tl.int64)
-    off = offs_s % PAGE
-    kmask = visible[:, None] & dmask[None, :]
-    if QUANT:
-        # Page layout: PAGE * D e4m3 bytes, then PAGE fp32 scales.
-        k_offs = page[:, None] * (PAGE * (D + 4)) + off[:, None] * D + offs_d[None, :]
-        k = tl.load(key_ptr + k_offs, mask=kmask, other=0.0)
-        k_scale = tl.load(scale_ptr + page * (PAGE * (D + 4) // 4) + PAGE * D // 4 + off, mask=visible)
-    else:
-        k_offs = (page[:, None] * PAGE + off[:, None]) * D + offs_d[None, :]
-        k = tl.load(key_ptr + k_offs, mask=kmask, other=0.0)
-    # Keys as the M side ([BLOCK_S, BLOCK_H]): the head sum then stays inside a warp (no cross-warp reduce).
-    dots = tl.dot(k.to(COMPUTE), tl.trans(q), input_precision="ieee")
-    score = tl.sum(tl.maximum(dots, 0.0) * w[None, :], axis=1)
-    if QUANT:
-        # The scale is positive (a power of two), so it commutes with ReLU and the head sum.
-        score = score * k_scale
-    score = tl.where(visible, score, float("-inf"))
-    tl.store(out_row + offs_s, score, mask=offs_s < L)
-    return score
 
 
 @triton.jit
@@ -127,64 +79,42 @@ def _indexer_logits_kernel(
         tl.minimum(tl.maximum(pos + 1 - start, 0), ITERS * BLOCK_S), BLOCK_S
     )  # blocks with a visible key
     out_row = out_ptr + t * stride_ot
-    if GROUP_MAX:
-        # This row's grouping (topk_multiblock.group_layout): `sub` blocks per group, `runs` groups per lane.
-        # Short rows: one pipelined inner loop per group, its maximum stored after it.
-        sub, runs, _ = group_layout(tl.minimum(pos + 1, L), ITERS, BLOCK_S)
-        g_row = gmax_ptr + t * stride_gt + chunk * runs * BLOCK_S
-        if sub < ITERS:  # a row shorter than the launch's longest: several groups per program
-            for r in range(0, tl.cdiv(live, sub)):
-                gmax = tl.full([BLOCK_S], float("-inf"), tl.float32)
-                for i in tl.range(r * sub, tl.minimum(r * sub + sub, live), num_stages=STAGES):
-                    score = _block_scores(
-                        q, w, key_ptr, scale_ptr, bt_ptr, out_row, seq, pos, start + i * BLOCK_S, L,
-                        stride_bt, D, PAGE, BLOCK_D, BLOCK_S, QUANT, COMPUTE,
-                    )  # fmt: skip
-                    # Lane j's maximum over `sub` blocks: a group of keys BLOCK_S apart (see topk_multiblock).
-                    gmax = tl.maximum(gmax, score)
-                tl.store(g_row + r * BLOCK_S + lane, gmax)
-            # The rest of this program's groups, when it holds some of the row (the row's groups end after
-            # its last live chunk; later programs own no slots).
-            for r in range(tl.cdiv(live, sub), tl.where(live > 0, runs, 0)):
-                tl.store(g_row + r * BLOCK_S + lane, tl.full([BLOCK_S], float("-inf"), tl.float32))
+    gmax = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for i in tl.range(0, live, num_stages=STAGES):  # one q load serves ITERS blocks of keys
+        offs_s = start + i * BLOCK_S + lane
+        visible = offs_s <= pos
+        page = tl.load(bt_ptr + seq * stride_bt + offs_s // PAGE, mask=visible, other=0).to(tl.int64)
+        off = offs_s % PAGE
+        kmask = visible[:, None] & dmask[None, :]
+        if QUANT:
+            # Page layout: PAGE * D e4m3 bytes, then PAGE fp32 scales.
+            k_offs = page[:, None] * (PAGE * (D + 4)) + off[:, None] * D + offs_d[None, :]
+            k = tl.load(key_ptr + k_offs, mask=kmask, other=0.0)
+            k_scale = tl.load(scale_ptr + page * (PAGE * (D + 4) // 4) + PAGE * D // 4 + off, mask=visible)
         else:
-            # One group per program (runs == 1): a single pipelined loop, the maximum stored after it (the
-            # nested form above measured ~10% slower at 128K x B64 on the H200).
-            gmax = tl.full([BLOCK_S], float("-inf"), tl.float32)
-            for i in tl.range(0, live, num_stages=STAGES):
-                score = _block_scores(
-                    q, w, key_ptr, scale_ptr, bt_ptr, out_row, seq, pos, start + i * BLOCK_S, L, stride_bt,
-                    D, PAGE, BLOCK_D, BLOCK_S, QUANT, COMPUTE,
-                )  # fmt: skip
-                gmax = tl.maximum(gmax, score)
-            tl.store(g_row + lane, gmax)
-    else:
-        for i in tl.range(0, live, num_stages=STAGES):  # one q load serves ITERS blocks of keys
-            _block_scores(
-                q, w, key_ptr, scale_ptr, bt_ptr, out_row, seq, pos, start + i * BLOCK_S, L, stride_bt,
-                D, PAGE, BLOCK_D, BLOCK_S, QUANT, COMPUTE,
-            )  # fmt: skip
+            k_offs = (page[:, None] * PAGE + off[:, None]) * D + offs_d[None, :]
+            k = tl.load(key_ptr + k_offs, mask=kmask, other=0.0)
+        # Keys as the M side ([BLOCK_S, BLOCK_H]): the head sum then stays inside a warp (no cross-warp reduce).
+        dots = tl.dot(k.to(COMPUTE), tl.trans(q), input_precision="ieee")
+        score = tl.sum(tl.maximum(dots, 0.0) * w[None, :], axis=1)
+        if QUANT:
+            # The scale is positive (a power of two), so it commutes with ReLU and the head sum.
+            score = score * k_scale
+        score = tl.where(visible, score, float("-inf"))
+        tl.store(out_row + offs_s, score, mask=offs_s < L)
+        gmax = tl.maximum(gmax, score)
     for i in range(live, ITERS):  # blocks past the token's position: -inf, no key reads
         offs_s = start + i * BLOCK_S + lane
         tl.store(out_row + offs_s, tl.full([BLOCK_S], float("-inf"), tl.float32), mask=offs_s < L)
+    if GROUP_MAX:
+        # Lane j's maximum over the ITERS blocks: a group of keys BLOCK_S apart (see topk_multiblock).
+        tl.store(gmax_ptr + t * stride_gt + chunk * BLOCK_S + lane, gmax)
 
 
 def default_iters(length: int, block_s: int) -> int:
     """Key blocks per program: 32 programs per row up to 32 blocks each (H200: 8 to 32 blocks ran the same),
     i.e. at most 32 * block_s group maxima per row for the top-k filter (4096 for the default 128)."""
     return max(1, min(32, length // (block_s * 32)))
-
-
-def logits_tiles(
-    length: int, device: torch.device, block_s: int | None = None, iters: int | None = None
-) -> tuple[int, int]:
-    """(keys per block, blocks per program) of the logits kernel: the given ones, else the defaults (GPU:
-    128-key blocks, :func:`default_iters`; the CPU interpreter: 16 and 2, small shapes)."""
-    cuda = device.type == "cuda"
-    block_s = block_s or (128 if cuda else 16)
-    if iters is None:
-        iters = default_iters(length, block_s) if cuda else 2
-    return block_s, iters
 
 
 def indexer_logits(
@@ -204,18 +134,17 @@ def indexer_logits(
     With an FP8 ``q`` and a quantized cache the dot runs in FP8 (exact products; Hopper's FP8 MMA keeps fewer
     accumulator bits than fp32, about 1e-4 of the largest score at 64 x 128); bf16 ``q``
     runs in bf16 (FP8 keys widen exactly); fp32 ``q`` in fp32. ``group_max=True`` also returns the maxima
-    of strided key groups that :func:`topk_indices_filtered` filters with, [T, group_width(...)], each row in
-    the per-row layout of :func:`dsv.kernels.triton.topk_multiblock.group_layout` (a prefix of the row).
+    [T, chunks * block_s] of strided key groups that :func:`topk_indices_filtered` filters with.
     """
     t, h, d = q.shape
     length = meta.max_seq_len
-    block_s, iters = logits_tiles(length, q.device, block_s, iters)
+    cuda = q.device.type == "cuda"
+    block_s = block_s or (128 if cuda else 16)
+    if iters is None:
+        iters = default_iters(length, block_s) if cuda else 2
     chunks = max(1, triton.cdiv(length, block_s * iters))
     out = torch.empty(t, length, dtype=torch.float32, device=q.device)
-    if group_max:
-        gmax = torch.empty(t, group_width(length, iters, block_s), dtype=torch.float32, device=q.device)
-    else:
-        gmax = out
+    gmax = torch.empty(t, chunks * block_s, dtype=torch.float32, device=q.device) if group_max else out
     if t == 0 or length == 0:
         return (out, gmax) if group_max else out
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -297,6 +226,5 @@ def indexer_topk(
     pos = meta.positions  # the kernels take min(pos + 1, max_seq_len) keys per row (no extra launches)
     if topk_impl == "triton":
         return topk_indices(indexer_logits(q, weights, cache, meta), pos, topk, from_positions=True)
-    block_s, iters = logits_tiles(meta.max_seq_len, q.device)
-    logits, gmax = indexer_logits(q, weights, cache, meta, block_s=block_s, iters=iters, group_max=True)
-    return topk_indices_filtered(logits, pos, gmax, topk, from_positions=True, logits_layout=(iters, block_s))
+    logits, gmax = indexer_logits(q, weights, cache, meta, group_max=True)
+    return topk_indices_filtered(logits, pos, gmax, topk, from_positions=True)

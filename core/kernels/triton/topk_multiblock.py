@@ -8,8 +8,10 @@ idle. Here the row is first cut down to a few thousand candidates by many progra
    spread over many groups). If at least k groups are finite, the k-th largest group maximum ``g`` has at least k
    keys >= g (each of those groups holds one), so ``tau <= g`` is a lower bound of the k-th largest score.
 2. ``_threshold_kernel`` (one program per row): two 8-bit radix passes over the group maxima give the top 16 bits
-   of ``g``; ``tau`` is that prefix with the low bits cleared (a little lower than g, still a bound). Rows with
-   at most k visible keys (or fewer than k finite groups) take every finite score.
+   of ``g``; ``tau`` is that prefix with the low bits cleared (a little lower than g, still a bound). A row with
+   fewer than k finite groups (much shorter than the batch's longest row, for which the groups were sized) is
+   read whole instead, and the prefix is that of its own k-th largest score. Rows with at most k visible keys
+   (or fewer than k finite scores) take every finite score.
 3. ``_count_kernel`` / ``_compact_kernel`` (one program per row and chunk): count the scores >= tau per chunk,
    then write them (value and position) at offsets from the earlier chunks' counts: increasing positions, the
    same every run (no atomics).
@@ -24,8 +26,6 @@ about 65 us in all against 160 us for torch.topk and 570 us for the one-program 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -34,69 +34,46 @@ from dsv.kernels.triton.topk import _radix_topk_kernel, _sort_key, row_length
 
 # The smallest key of a finite float (-FLT_MAX); -inf maps to 0x007FFFFF.
 _ALL_FINITE: tl.constexpr = tl.constexpr(0x00800000)
-#: Group maxima the logits kernel aims at per row, in units of its key block: 32 x 128 = 4096 at 128K keys.
-GROUP_BLOCKS = 32
-_GROUP_BLOCKS: tl.constexpr = tl.constexpr(GROUP_BLOCKS)  # the same, as jitted code reads globals
-
-
-@triton.jit
-def group_layout(n, ITERS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """(blocks per group, groups per program lane, groups of the row) for a row of ``n`` visible keys whose
-    logits are computed ``ITERS`` blocks of ``BLOCK_S`` keys per program.
-
-    A group is lane j's maximum over ``sub`` consecutive blocks of a program (keys ``BLOCK_S`` apart), and
-    ``sub`` follows the row's own length, so every row gets about ``GROUP_BLOCKS * BLOCK_S`` groups: a short
-    row in a batch of long ones still has at least k of them (with one grouping per launch, sized for the
-    longest row, a 30K-key row in a 128K batch had too few groups to bound its threshold)."""
-    sub = tl.minimum(tl.maximum(n // (_GROUP_BLOCKS * BLOCK_S), 1), ITERS)
-    runs = tl.cdiv(ITERS, sub)
-    return sub, runs, tl.cdiv(n, ITERS * BLOCK_S) * runs * BLOCK_S
-
-
-def group_width(length: int, iters: int, block_s: int) -> int:
-    """Columns of the group-maxima array: the most groups :func:`group_layout` gives any row of at most
-    ``length`` keys (rows use a prefix of their row; the rest is never read)."""
-    return _group_width(length, iters, block_s)
-
-
-@functools.lru_cache(maxsize=64)
-def _group_width(length: int, iters: int, block_s: int) -> int:
-    n = torch.arange(1, max(1, length) + 1, dtype=torch.int64)
-    sub = (n // (GROUP_BLOCKS * block_s)).clamp(1, iters)
-    runs = -(-iters // sub)
-    return int(((-(-n // (iters * block_s))) * runs).max()) * block_s
 
 
 @triton.jit
 def _threshold_kernel(
     g_ptr,
+    x_ptr,
     len_ptr,
     thr_ptr,
     n_groups,
     stride_g,
+    stride_x,
     L,
     FROM_POS: tl.constexpr,
     TOPK: tl.constexpr,
     BLOCK: tl.constexpr,
-    ITERS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    base = g_ptr + row * stride_g
+    n = row_length(len_ptr, row, L, FROM_POS)
     bins = tl.arange(0, 256)
     lane = tl.arange(0, BLOCK)
+    # Groups are sized for the launch's longest row: a much shorter row of the batch has fewer than k finite
+    # group maxima, which bound nothing. Such a row (at most ~k * keys-per-group keys) is read whole instead:
+    # its own scores give the exact prefix of its k-th largest.
+    finite = 0
+    for start in range(0, n_groups, BLOCK):
+        offs = start + lane
+        g = tl.load(g_ptr + row * stride_g + offs, mask=offs < n_groups, other=float("-inf"))
+        finite += tl.sum((g != float("-inf")).to(tl.int32), axis=0)
+    from_row = finite < TOPK
+    base = tl.where(from_row, x_ptr + row * stride_x, g_ptr + row * stride_g)
+    count = tl.where(from_row, n, n_groups)
     prefix = tl.zeros([1], tl.uint32)
     k_rem = tl.full([1], TOPK, tl.int32)
     total = tl.zeros([1], tl.int32)
-    n = row_length(len_ptr, row, L, FROM_POS)
-    if BLOCK_S > 0:  # the logits kernel's per-row layout: only this row's groups were written
-        n_groups = tl.minimum(group_layout(n, ITERS, BLOCK_S)[2], n_groups)
-    for p in tl.static_range(2):  # bits 31..24, then 23..16 of the k-th largest group maximum
+    for p in tl.static_range(2):  # bits 31..24, then 23..16 of the k-th largest group maximum (or score)
         hi = 32 - 8 * p
         hist = tl.zeros([256], tl.int32)
-        for start in range(0, n_groups, BLOCK):
+        for start in range(0, count, BLOCK):
             offs = start + lane
-            x = tl.load(base + offs, mask=offs < n_groups, other=float("-inf"))
+            x = tl.load(base + offs, mask=offs < count, other=float("-inf"))
             key = _sort_key(x)
             match = x != float("-inf")
             if p > 0:
@@ -203,7 +180,6 @@ def topk_indices_filtered(
     radix_bits: int = 8,
     lanes: int = 32,
     from_positions: bool = False,
-    logits_layout: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """:func:`dsv.kernels.triton.topk.topk_indices` (same selection, ties to lower indices, -1 padding), with
     each row first filtered by a threshold from ``group_max`` [T, G] (maxima of disjoint groups of the row's
@@ -213,8 +189,6 @@ def topk_indices_filtered(
 
     ``cap`` candidate slots per row (default 8 * topk) bound the extra memory at [T, cap] (fp32 + int32).
     ``from_positions``: ``lengths`` holds each row's last visible position (lengths = min(pos + 1, row size)).
-    ``logits_layout``: ``(iters, block_s)`` when ``group_max`` is the logits kernel's per-row layout
-    (:func:`group_layout`): each row then reads only its own groups. None: every column is a group.
     """
     t, length = scores.shape
     out = torch.empty((t, topk), dtype=torch.int32, device=scores.device)
@@ -235,16 +209,16 @@ def topk_indices_filtered(
     n_groups = group_max.shape[1]
     _threshold_kernel[(t,)](
         group_max,
+        scores,
         lengths,
         thr,
         n_groups,
         group_max.stride(0),
+        scores.stride(0),
         length,
         FROM_POS=from_positions,
         TOPK=topk,
         BLOCK=min(block, max(16, triton.next_power_of_2(n_groups))),
-        ITERS=logits_layout[0] if logits_layout else 1,
-        BLOCK_S=logits_layout[1] if logits_layout else 0,
         num_warps=threshold_warps,
     )
     pos = from_positions
