@@ -5,9 +5,9 @@ the GPU's compute capability, and the kernels are compiled at their first call (
 
 Kernels:
     sparse_mla: absorbed sparse MLA over top-k global slots (``sparse_mla_decode`` / ``sparse_mla_prefill``),
-        bf16/fp16 "float" KV layout; the FP8 656-byte layout is refused with the reason. Three programs:
-        sparse_mla_kernel ("simple"), sparse_mla_ws_kernel ("ws", warp-specialized: the default where it is
-        faster) and sparse_mla_seesaw_kernel ("seesaw", FlashMLA's balanced schedule; selectable only).
+        bf16/fp16 "float" KV layout; the FP8 656-byte layout is refused with the reason. Two programs:
+        sparse_mla_kernel ("simple") and sparse_mla_ws_kernel ("ws", warp-specialized: the default where it
+        is faster).
 """
 
 from __future__ import annotations

@@ -36,9 +36,8 @@ class KernelKey:
     threads: int = 256
     #: KV row addressing: "int32" (slot * width < 2^31, the fast common case) or "int64" for larger caches.
     index_dtype: str = "int32"
-    #: "simple" (sparse_mla_kernel's program), "ws" or "seesaw" (the warp-specialized programs of
-    #: sparse_mla_ws_kernel / sparse_mla_seesaw_kernel: 384 threads, two KV buffers as their pipeline, no
-    #: ``num_stages``).
+    #: "simple" (sparse_mla_kernel's program) or "ws" (the warp-specialized program of sparse_mla_ws_kernel:
+    #: 384 threads, two KV buffers as its pipeline, no ``num_stages``).
     variant: str = "simple"
     #: KV rows: "half" (the cache's bf16/fp16 "float" layout, ``dtype``) or "fp8" (FlashMLA's 656-byte rows,
     #: dequantized to ``dtype`` by the "ws" producer).
@@ -65,16 +64,4 @@ def ws_unsupported(dim: int, tail: int, block_h: int, block_i: int, kv_format: s
         return f"the FP8 rows' latent halves must hold whole {FP8_GROUP}-value scale groups, got {dim}"
     if kv_format not in ("half", "fp8"):
         return f"unknown KV row format {kv_format!r}"
-    return ""
-
-
-def seesaw_unsupported(dim: int, tail: int, block_h: int, block_i: int) -> str:
-    """Why the seesaw program cannot be built ("" when it can): the ws program's conditions, and P [block_h,
-    block_i] must fit the rope columns [block_i, tail] of a KV buffer, where it is written."""
-    why = ws_unsupported(dim, tail, block_h, block_i)
-    if why:
-        return why
-    if not block_h == block_i == tail:
-        got = f"{block_h}, {block_i}, {tail}"
-        return f"P is kept over the rope columns: needs block_h == block_i == rope_dim, got {got}"
     return ""

@@ -12,7 +12,8 @@ Measured on an H200 (H = 128, top-k 2048, bf16 KV; backends/cuda/scripts/tilelan
 "ws" (the default wherever a split has >= 4 blocks) decode B64 86-88 µs in a CUDA graph (simple 123 µs),
 B128 163-168 µs (simple 235 µs), B16 44 µs (simple 52 µs), prefill 4K / 16K tokens 410-442 / 432-447 TFLOPS
 (simple 325-337 / 320-331). Decode B1 (16 splits of 2 blocks) stays on "simple": 24 µs in a graph vs 26 µs.
-"seesaw" was slower than "ws" everywhere (B64 107 µs, prefill 416 TFLOPS) and is kept selectable only.
+A "seesaw" schedule (the consumers computing the scores of alternate blocks, FlashMLA's) was slower than "ws"
+everywhere (B64 107 µs, prefill 416 TFLOPS) and was removed (commit 948bfd0 has it).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from dsv.backend.interface import KernelUnavailable
 from dsv.ops.kv_cache import MLACacheLayer
-from dsv_cuda.tilelang.kernel_key import KernelKey, seesaw_unsupported, ws_unsupported
+from dsv_cuda.tilelang.kernel_key import KernelKey, ws_unsupported
 
 HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 BLOCK_H = 64  # heads per thread block: wgmma tiles are 64 rows
@@ -36,10 +37,9 @@ SPLIT_CHOICES = (1, 4, 16)
 
 #: Kernel variants. "simple" (sparse_mla_kernel): one [64, R] accumulator per 256-thread block, TileLang's
 #: software pipeline. "ws" (sparse_mla_ws_kernel): a producer warpgroup gathers KV rows for two consumer
-#: warpgroups, consumer 0 computing the scores and softmax. "seesaw" (sparse_mla_seesaw_kernel): the same
-#: producer, the consumers computing the scores of alternate blocks. "auto" takes the first of
+#: warpgroups, consumer 0 computing the scores and softmax. "auto" takes the first of
 #: :data:`AUTO_ORDER` that can run the shape (see :func:`choose_variant`).
-VARIANTS = ("simple", "ws", "seesaw")
+VARIANTS = ("simple", "ws")
 AUTO_ORDER = ("ws", "simple")
 
 
@@ -48,8 +48,8 @@ class Tiles:
     """Tile configuration of the kernel: KV rows per pipeline step, pipeline depth, threads per block, heads
     per block, and the kernel variant. The simple kernel's defaults were the fastest of a sweep on an H200
     (32-row steps with 2-4 stages, or 1 stage, were 25-40% slower); most 512-thread configurations asked for
-    more than the 227 KB of shared memory an sm_90 block can have and failed at launch. The "ws" and "seesaw"
-    variants use ``block_i`` and ``block_h`` only (384 threads and their double buffer are fixed)."""
+    more than the 227 KB of shared memory an sm_90 block can have and failed at launch. The "ws" variant
+    uses ``block_i`` and ``block_h`` only (384 threads and its double buffer are fixed)."""
 
     block_i: int = BLOCK_I
     num_stages: int = 2
@@ -125,8 +125,6 @@ def variant_unsupported(
         return ws_unsupported(r, dr, block_h, block_i, kv_format)
     if kv_format != "half":
         return f"only the 'ws' variant reads the FP8 layout, not {variant!r}"
-    if variant == "seesaw":
-        return seesaw_unsupported(r, dr, block_h, block_i)
     return ""
 
 
@@ -146,7 +144,7 @@ def choose_variant(
 
     Every variant serves every split factor: each split is a contiguous range of the top-k list and the
     Part / Lse partials are the same. "ws" takes any number of 64-row blocks per split (its buffer index and
-    barrier phases follow the block number); "seesaw" pairs blocks, and :func:`plan` pads for it."""
+    barrier phases follow the block number)."""
     if tiles.variant not in (*VARIANTS, "auto"):
         raise ValueError(f"unknown kernel variant {tiles.variant!r}; use one of {VARIANTS} or 'auto'")
     if tiles.variant != "auto":
@@ -173,8 +171,7 @@ def plan(
 
     Splits are used only when the (token, head-block) programs fill less than one wave of the GPU's SMs:
     each split re-reads its queries and writes a [H, R] fp32 partial, a cost that pays off only when SMs
-    would otherwise idle. The top-k list is padded with -1 to a multiple of ``block_i * splits``, and of
-    ``2 * block_i * splits`` for the "seesaw" variant, whose consumers take the blocks in pairs.
+    would otherwise idle. The top-k list is padded with -1 to a multiple of ``block_i * splits``.
     """
     heads_p = math.ceil(max(heads, 1) / block_h) * block_h
     blocks = max(1, math.ceil(topk / block_i))
@@ -186,7 +183,7 @@ def plan(
         splits = max(s for s in SPLIT_CHOICES if s <= max(1, limit))
     elif splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    step = block_i * splits * (2 if variant == "seesaw" else 1)
+    step = block_i * splits
     return Plan(heads=heads_p, topk=math.ceil(blocks * block_i / step) * step, splits=splits, variant=variant)
 
 
@@ -252,10 +249,10 @@ def kernel_key(
     kv_format: str = "half",
 ) -> KernelKey:
     """The compiled kernel's :class:`KernelKey` for a plan. Fields the chosen variant does not use are
-    normalized, so that they do not multiply its compilations: the "ws" and "seesaw" kernels fix their thread
-    count and pipeline. ``kv_elements`` (the cache's) decides 32- or 64-bit row offsets; ``dtype`` is that of
+    normalized, so that they do not multiply its compilations: the "ws" kernel fixes its thread count and
+    pipeline. ``kv_elements`` (the cache's) decides 32- or 64-bit row offsets; ``dtype`` is that of
     q and the output (for FP8 rows, the dtype they are dequantized to)."""
-    ws = p.variant in ("ws", "seesaw")
+    ws = p.variant == "ws"
     return KernelKey(
         heads=p.heads,
         dim=r,

@@ -149,10 +149,6 @@ def compiled(key: KernelKey) -> Any:
         from dsv_cuda.tilelang.sparse_mla_ws_kernel import build_program as build_ws
 
         return tilelang.compile(build_ws(key), target="cuda", pass_configs=PASS_CONFIGS)
-    if key.variant == "seesaw":
-        from dsv_cuda.tilelang.sparse_mla_seesaw_kernel import build_program as build_seesaw
-
-        return tilelang.compile(build_seesaw(key), target="cuda", pass_configs=PASS_CONFIGS)
     if key.variant != "simple":
-        raise ValueError(f"unknown sparse MLA kernel variant {key.variant!r} (simple / ws / seesaw)")
+        raise ValueError(f"unknown sparse MLA kernel variant {key.variant!r} (simple / ws)")
     return tilelang.compile(build_program(key), target="cuda", pass_configs=PASS_CONFIGS)
