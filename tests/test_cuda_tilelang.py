@@ -4,8 +4,6 @@ refusal, head / top-k padding, split choice, split merge against the reference m
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import math
 import os
 import subprocess
@@ -17,6 +15,7 @@ import torch
 from dsv.backend.interface import KernelUnavailable
 from dsv.ops.attention import sparse_mla as reference
 from dsv.ops.kv_cache import MLACacheLayer
+from tests.helpers.modules import fake_module_presence
 
 pytest.importorskip("dsv_cuda", reason="install with: pip install -e backends/cuda --no-deps")
 
@@ -35,15 +34,7 @@ def tilelang_installed(monkeypatch):
     Nothing is imported either way."""
 
     def installed(present: bool) -> None:
-        real = importlib.util.find_spec
-
-        def find_spec(name, package=None):
-            if name == "tilelang":
-                return importlib.machinery.ModuleSpec(name, None) if present else None
-            return real(name, package)
-
-        monkeypatch.delitem(sys.modules, "tilelang", raising=False)
-        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+        fake_module_presence(monkeypatch, "tilelang", present)
 
     installed(False)
     return installed

@@ -7,8 +7,6 @@ The compiled kernel itself is checked on an H200 by backends/cuda/scripts/tilela
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import subprocess
 import sys
 
@@ -19,6 +17,7 @@ from dsv.backend.interface import KernelUnavailable
 from dsv.ops.moe import ExpertWeights, sort_by_expert
 from dsv.ops.moe import fused_moe as reference
 from dsv.ops.quant import weight_quant
+from tests.helpers.modules import fake_module_presence
 
 pytest.importorskip("dsv_cuda", reason="install with: pip install -e backends/cuda --no-deps")
 
@@ -279,15 +278,7 @@ def tilelang_installed(monkeypatch):
     monkeypatch.setattr(kernels_mod, "triton_kernels", lambda: ({}, False, "triton not in this test"))
 
     def installed(present: bool) -> None:
-        real = importlib.util.find_spec
-
-        def find_spec(name, package=None):
-            if name == "tilelang":
-                return importlib.machinery.ModuleSpec(name, None) if present else None
-            return real(name, package)
-
-        monkeypatch.delitem(sys.modules, "tilelang", raising=False)
-        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+        fake_module_presence(monkeypatch, "tilelang", present)
 
     installed(False)
     return installed
