@@ -10,6 +10,7 @@ and the medians give the headline (warm) figure.
 
     python benchmarks/offline_vs_transformers.py              # embedded default model, 32 x (128 in, 64 out)
     python benchmarks/offline_vs_transformers.py --json
+    python benchmarks/offline_vs_transformers.py --enable-torch-compile   # dsv's compiled decode forward
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--enable-torch-compile",
+        action="store_true",
+        help="dsv's decode forward through torch.compile (the first call then includes its compilation)",
+    )
     args = p.parse_args()
 
     from dsv import LLM, SamplingParams
@@ -90,7 +96,9 @@ def main() -> int:
     from dsv.server.cmd_bench import random_prompts
 
     path = resolve_model_path(args.model)
-    llm = LLM(str(path), device="cpu", dtype="auto", log_stats=False)
+    llm = LLM(
+        str(path), device="cpu", dtype="auto", log_stats=False, enable_torch_compile=args.enable_torch_compile
+    )
     hf, hf_source = load_transformers(path, Path.home() / ".cache" / "dsv" / "bench" / (path.name + "-bf16"))
     vocab = min(llm.engine.model.cfg.vocab_size, llm.tokenizer.vocab_size)
     prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed)
@@ -146,6 +154,7 @@ def main() -> int:
         "dsv_seconds": [round(t, 3) for t in dsv_t],
         "transformers_seconds": [round(t, 3) for t in hf_t],
         "transformers_weights": hf_source,
+        "dsv_torch_compile": args.enable_torch_compile,
         "torch": torch.__version__,
     }
     if args.json:

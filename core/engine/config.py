@@ -41,6 +41,8 @@ class EngineConfig:
         disable_cuda_graph: decode eagerly (backends with graphs, e.g. cuda, capture pure decode steps).
         cuda_graph_max_bs: largest decode batch captured (default: max_running_requests).
         cuda_graph_bs: exact decode batch sizes to capture (default: the backend's ladder up to the max).
+        enable_torch_compile: run pure decode steps through ``torch.compile`` (backends without decode graphs,
+            i.e. the CPU; see :mod:`dsv.engine.compiled_decode`).
     """
 
     page_size: int = 64
@@ -60,6 +62,7 @@ class EngineConfig:
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None
     cuda_graph_bs: list[int] | None = None
+    enable_torch_compile: bool = False
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -110,6 +113,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsa-prefill", default=None, help="sparse MLA prefill kernel name")
     p.add_argument("--nsa-decode", default=None, help="sparse MLA decode kernel name")
     p.add_argument("--seed", type=int, default=0, help="sampler seed for requests without one")
+    p.add_argument(
+        "--enable-torch-compile",
+        action="store_true",
+        help="compile the decode forward with torch.compile (cpu; the first decode step compiles)",
+    )
     add_graph_arguments(p)
 
 

@@ -28,6 +28,7 @@ import torch
 
 from dsv.backend.interface import Backend, OpTable
 from dsv.engine.block_manager import BlockManager
+from dsv.engine.compiled_decode import CompiledDecode
 from dsv.engine.config import EngineConfig, available_memory
 from dsv.engine.detokenize import TextStream
 from dsv.engine.graphs import build_decode_runner
@@ -117,6 +118,13 @@ class LLMEngine:
             cache_config=self.cache_config(),
             kernel_choices=config.kernel_choices(),
         )
+        if config.enable_torch_compile:
+            if self.decode_runner is not None:
+                raise ValueError(
+                    "--enable-torch-compile is for backends without decode graphs (cpu); this backend captures "
+                    "decode steps in graphs already (add --disable-cuda-graph to compile instead)"
+                )
+            self.decode_runner = CompiledDecode(model, ops, self.pool)
         self.runner = ModelRunner(model, ops, self.pool, self.device, config.seed, self.decode_runner)
         self._commands: deque[tuple[str, Any]] = deque()
         self._wakeup = threading.Event()

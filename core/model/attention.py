@@ -113,6 +113,10 @@ class MLA(nn.Module):
         The copy is keyed by dtype, storage and version of the weight, so reloading weights or moving the
         model to another device recomputes it.
         """
+        if torch.compiler.is_compiling() and self._absorbed is not None:
+            # Made before compiling (dsv.engine.compiled_decode); the key below reads data_ptr, which
+            # torch.compile cannot trace.
+            return self._absorbed[1], self._absorbed[2]
         weight = self.kv_b_proj.weight
         key = (dtype, weight.device, weight.data_ptr(), weight._version)
         if self._absorbed is None or self._absorbed[0] != key:

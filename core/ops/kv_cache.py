@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from dsv.ops import cache_ops
 from dsv.ops.quant import act_dequant, act_quant, fp8_kv_bytes, pack_fp8_kv, unpack_fp8_kv
 
 KV_DTYPES = ("auto", "bf16", "fp8_e4m3")
@@ -60,12 +61,18 @@ class MLACacheLayer:
             rows = pack_fp8_kv(latent, rope)
         else:
             rows = torch.cat([latent, rope], dim=-1).to(self.dtype)
+        if torch.compiler.is_compiling():  # an in-place op, not a functionalized copy of the storage
+            cache_ops.rows_write(self.storage, slots, rows)
+            return
         self.flat[slots.long()] = rows
 
     def read_rows(self, slots: torch.Tensor) -> torch.Tensor:
         """Rows [N, R + Dr] (dequantized, in ``self.dtype``) at global ``slots`` [N]."""
         # index_select, not flat[slots]: advanced indexing into a large cache is ~100x slower on the CPU.
-        rows = self.flat.index_select(0, slots.long())
+        if torch.compiler.is_compiling():
+            rows = cache_ops.rows_read(self.storage, slots)
+        else:
+            rows = self.flat.index_select(0, slots.long())
         if self.layout == "fp8":
             return unpack_fp8_kv(rows, self.kv_lora_rank, self.rope_dim, self.dtype)
         return rows
@@ -116,6 +123,9 @@ class IndexKCacheLayer:
 
     def write(self, slots: torch.Tensor, k: torch.Tensor) -> None:
         """Store keys [T, D] (already rotated) at global ``slots`` [T], quantizing when the cache is FP8."""
+        if self.quantized and torch.compiler.is_compiling():  # see dsv.ops.cache_ops
+            cache_ops.index_keys_write(self.storage, slots, k, self.page_size, self.head_dim)
+            return
         page, off = self._page_offset(slots)
         if self.quantized:
             q, s = act_quant(k, self.head_dim, "ue8m0")
@@ -137,6 +147,8 @@ class IndexKCacheLayer:
         The same values as :meth:`read` of the sequences' slots, gathered a page at a time (a page's keys
         are contiguous), which is much cheaper than one index per token.
         """
+        if self.quantized and torch.compiler.is_compiling():
+            return cache_ops.index_keys_read(self.storage, block_table, length, self.page_size, self.head_dim)
         pages = block_table[:, : -(-length // self.page_size)].long()
         b = pages.shape[0]
         flat = pages.reshape(-1)

@@ -74,8 +74,8 @@ def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
     3x faster. The two NaN codes (0x7F, 0xFF) come out as +-480, past every finite e4m3 value: one min/max
     pass finds them, and they are set back to NaN.
     """
-    if q.dtype != torch.float8_e4m3fn or q.device.type != "cpu":
-        return q.float()
+    if q.dtype != torch.float8_e4m3fn or q.device.type != "cpu" or torch.compiler.is_compiling():
+        return q.float()  # compiled: inductor writes the widening itself
     if q.numel() < _FP8_BITS_MIN:
         # A 256-entry table (torch's own widening of every code) gathered by byte: half the time of
         # q.float() on the small activations of a CPU decode step.

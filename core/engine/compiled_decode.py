@@ -1,0 +1,124 @@
+"""``--enable-torch-compile``: the decode forward compiled by ``torch.compile`` (inductor), for backends
+without decode graphs (the CPU reference backend).
+
+A CPU decode step of a small batch is a few thousand small torch calls; inductor fuses the element-wise ones
+into C++ kernels. What makes the forward one graph without breaks:
+
+* the KV caches are read and written through opaque custom ops while compiling (:mod:`dsv.ops.cache_ops`);
+* FP8 weights are dequantized once, before compiling, and kept on the weight (``dsv_dequantized``), so the
+  compiled linear and MoE read them instead of the id-keyed cache of :mod:`dsv.ops.linear`;
+* the MLA absorption weights are made before compiling;
+* the routed experts run in a dense form (every expert on every token, weighted by the routing, zero for
+  unrouted pairs) when there are at most :data:`DENSE_EXPERTS_PER_TOP_K` experts per routed slot: the
+  reference's per-expert loop needs the counts on the host. Larger MoE layers keep it (a graph break).
+
+The numerics are those of the reference ops (bf16 casts rounded as eager rounds them), up to the order of fp32
+sums inside inductor's kernels, so the tokens can differ from the eager engine's where two logits or two
+indexer scores nearly tie. Shapes are dynamic (one compilation
+serves every batch size and context length); the first decode step pays the compilation (about a minute for
+the default model on two cores). Prefill and mixed steps stay eager.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv.backend.interface import OpTable
+from dsv.engine.kv_pool import KVPool
+from dsv.model.attention import MLA
+from dsv.model.deepseek_v32 import DeepseekV32ForCausalLM
+from dsv.model.layers import Linear
+from dsv.model.moe import Experts
+from dsv.ops.linear import dequantized_weight
+from dsv.ops.metadata import AttentionMetadata
+from dsv.ops.moe import ExpertWeights, fused_moe
+from dsv.ops.quant import quant_roundtrip, weight_dequant
+
+#: The dense form of the routed experts runs when E <= this x top_k (its waste is E / top_k).
+DENSE_EXPERTS_PER_TOP_K = 8
+#: Attribute that holds an FP8 weight's fp32 dequantized copy for the compiled forward.
+DEQUANTIZED = "dsv_dequantized"
+
+
+class CompiledDecode:
+    """A :class:`~dsv.backend.interface.DecodeRunner`: pure decode steps through ``torch.compile``."""
+
+    def __init__(self, model: DeepseekV32ForCausalLM, ops: OpTable, pool: KVPool) -> None:
+        self.model = model
+        self.layers = pool.layers
+        self.ops = _compile_ops(ops)
+        prepared = _prepare(model)
+        # emulate_precision_casts: round at every bf16 cast as eager does (fused kernels otherwise keep fp32
+        # intermediates, and the indexer's top-k turns such differences into other keys within a few steps).
+        self._forward = torch.compile(model.forward, dynamic=True, options={"emulate_precision_casts": True})
+        self._note = (
+            f"torch.compile decode forward (inductor, dynamic shapes; {prepared} FP8 weights dequantized)"
+        )
+
+    def __call__(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self._forward(input_ids, meta, self.layers, self.ops)
+
+    def describe(self) -> str:
+        return self._note
+
+
+def _prepare(model: DeepseekV32ForCausalLM) -> int:
+    """Dequantize the FP8 weights onto themselves and make the MLA absorption weights; returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear) and module.is_fp8:
+            w = dequantized_weight(module.weight, module.weight_scale_inv, module.block)
+            setattr(module.weight, DEQUANTIZED, w)
+            count += 1
+        elif isinstance(module, Experts) and module.w1_scale is not None:
+            for name in ("w1", "w3", "w2"):
+                w, s = getattr(module, name), getattr(module, name + "_scale")
+                setattr(w, DEQUANTIZED, weight_dequant(w, s, module.block, torch.float32))
+                count += 1
+        elif isinstance(module, MLA):
+            module.absorbed_weights(model.dtype)
+    return count
+
+
+def _compile_ops(ops: OpTable) -> OpTable:
+    """``ops`` with the linear and MoE the compiled forward can trace (same math as the reference)."""
+    table = OpTable(dict(ops.kernels))
+    reference_linear, reference_moe = ops.linear, ops.fused_moe
+
+    def linear(x, weight, scale_inv=None, block=(128, 128), act_scale_fmt=None):
+        w = getattr(weight, DEQUANTIZED, None)
+        if scale_inv is None or w is None:
+            return reference_linear(x, weight, scale_inv, block, act_scale_fmt)
+        xq = quant_roundtrip(x, block[1], act_scale_fmt, torch.float32)
+        return torch.nn.functional.linear(xq, w).to(x.dtype)
+
+    def moe(x, weights, ids, experts):
+        if experts.num_experts > DENSE_EXPERTS_PER_TOP_K * ids.shape[1] or not hasattr(
+            experts.w1, DEQUANTIZED
+        ):
+            return reference_moe(x, weights, ids, experts)
+        return _dense_experts(x, weights, ids, experts)
+
+    table.linear = linear
+    table.fused_moe = moe
+    return table
+
+
+def _dense_experts(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights
+) -> torch.Tensor:
+    """:func:`dsv.ops.moe.fused_moe` with every expert run on every token: the same per-row products (FP8
+    activations quantized per 1x128, SwiGLU from products rounded to x's dtype, requantized h), then each
+    token's routed outputs weighted in fp32 and the unrouted ones weighted by zero."""
+    if experts.w1_scale is None:
+        return fused_moe(x, weights, ids, experts)
+    w1, w3, w2 = (getattr(getattr(experts, n), DEQUANTIZED) for n in ("w1", "w3", "w2"))
+    block, fmt = experts.block[1], experts.act_scale_fmt
+    xq = quant_roundtrip(x, block, fmt, torch.float32)
+    gate = torch.einsum("td,eid->eti", xq, w1)
+    up = torch.einsum("td,eid->eti", xq, w3)
+    h = (torch.nn.functional.silu(gate.to(x.dtype).float()) * up.to(x.dtype).float()).to(x.dtype)
+    y = torch.bmm(quant_roundtrip(h, block, fmt, torch.float32), w2.transpose(1, 2))  # [E, T, D]
+    routing = torch.zeros(x.shape[0], experts.num_experts, dtype=torch.float32, device=x.device)
+    routing.scatter_(1, ids, weights.float())
+    return (y.to(x.dtype).float() * routing.t()[..., None]).sum(0).to(x.dtype)
