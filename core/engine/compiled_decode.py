@@ -32,7 +32,7 @@ from dsv.model.moe import Experts
 from dsv.ops.linear import dequantized_weight
 from dsv.ops.metadata import AttentionMetadata
 from dsv.ops.moe import ExpertWeights, fused_moe
-from dsv.ops.quant import quant_roundtrip, weight_dequant
+from dsv.ops.quant import quant_roundtrip
 
 #: The dense form of the routed experts runs when E <= this x top_k (its waste is E / top_k).
 DENSE_EXPERTS_PER_TOP_K = 8
@@ -71,10 +71,14 @@ def _prepare(model: DeepseekV32ForCausalLM) -> int:
             setattr(module.weight, DEQUANTIZED, w)
             count += 1
         elif isinstance(module, Experts) and module.w1_scale is not None:
+            # The dequantization cache's copies (bounded by DSV_DEQUANT_CACHE_MB): experts it cannot hold keep
+            # the reference MoE, a graph break, not a second copy of the weights.
             for name in ("w1", "w3", "w2"):
                 w, s = getattr(module, name), getattr(module, name + "_scale")
-                setattr(w, DEQUANTIZED, weight_dequant(w, s, module.block, torch.float32))
-                count += 1
+                deq = dequantized_weight(w, s, module.block, cached_only=True)
+                if deq is not None:
+                    setattr(w, DEQUANTIZED, deq)
+                    count += 1
         elif isinstance(module, MLA):
             module.absorbed_weights(model.dtype)
     return count
@@ -93,9 +97,8 @@ def _compile_ops(ops: OpTable) -> OpTable:
         return torch.nn.functional.linear(xq, w).to(x.dtype)
 
     def moe(x, weights, ids, experts):
-        if experts.num_experts > DENSE_EXPERTS_PER_TOP_K * ids.shape[1] or not hasattr(
-            experts.w1, DEQUANTIZED
-        ):
+        dequantized = all(hasattr(getattr(experts, n), DEQUANTIZED) for n in ("w1", "w3", "w2"))
+        if experts.num_experts > DENSE_EXPERTS_PER_TOP_K * ids.shape[1] or not dequantized:
             return reference_moe(x, weights, ids, experts)
         return _dense_experts(x, weights, ids, experts)
 
