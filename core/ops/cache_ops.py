@@ -39,30 +39,47 @@ def _(storage: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return storage.new_empty(slots.shape[0], storage.shape[-1])
 
 
-@torch.library.custom_op("dsv::index_keys_write", mutates_args=("storage",))
-def index_keys_write(
-    storage: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, page_size: int, head_dim: int
+def write_index_keys(
+    keys: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, page_size: int
 ) -> None:
-    """Quantize keys [T, D] (ue8m0 e4m3, one scale per token) into a quantized indexer storage at ``slots``."""
-    keys, scales = _index_views(storage, page_size, head_dim)
-    q, s = act_quant(k, head_dim, "ue8m0")
+    """Quantize keys [T, D] (ue8m0 e4m3, one scale per token) into the paged ``keys`` / ``scales`` at ``slots``
+    (the quantized indexer cache's write, eager or inside :func:`index_keys_write`)."""
+    q, s = act_quant(k, keys.shape[-1], "ue8m0")
     slots = slots.long()
     page, off = slots // page_size, slots % page_size
     keys[page, off] = q
     scales[page, off] = s[:, 0]
 
 
+def gather_sequences(
+    keys: torch.Tensor, scales: torch.Tensor | None, block_table: torch.Tensor, length: int
+) -> torch.Tensor:
+    """Keys [B, length, D] fp32 (dequantized when ``scales`` is given) of positions 0..length-1 of every
+    sequence of ``block_table``, a page at a time (the indexer cache's read, eager or inside
+    :func:`index_keys_read`)."""
+    pages = block_table[:, : -(-length // keys.shape[1])].long()
+    b, flat, head_dim = pages.shape[0], pages.reshape(-1), keys.shape[-1]
+    rows = keys.index_select(0, flat).view(b, -1, head_dim)[:, :length]
+    if scales is None:
+        return rows.float()
+    row_scales = scales.index_select(0, flat).view(b, -1)[:, :length]
+    return act_dequant(rows, row_scales.unsqueeze(-1), head_dim)
+
+
+@torch.library.custom_op("dsv::index_keys_write", mutates_args=("storage",))
+def index_keys_write(
+    storage: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, page_size: int, head_dim: int
+) -> None:
+    """:func:`write_index_keys` into a quantized indexer storage (uint8 pages of keys then scales)."""
+    write_index_keys(*_index_views(storage, page_size, head_dim), slots, k, page_size)
+
+
 @torch.library.custom_op("dsv::index_keys_read", mutates_args=())
 def index_keys_read(
     storage: torch.Tensor, block_table: torch.Tensor, length: int, page_size: int, head_dim: int
 ) -> torch.Tensor:
-    """Dequantized keys [B, length, D] fp32 of positions 0..length-1 of every sequence of ``block_table``."""
-    keys_all, scales_all = _index_views(storage, page_size, head_dim)
-    pages = block_table[:, : -(-length // page_size)].long()
-    b, flat = pages.shape[0], pages.reshape(-1)
-    keys = keys_all.index_select(0, flat).view(b, -1, head_dim)[:, :length]
-    scales = scales_all.index_select(0, flat).view(b, -1)[:, :length]
-    return act_dequant(keys, scales.unsqueeze(-1), head_dim)
+    """:func:`gather_sequences` of a quantized indexer storage."""
+    return gather_sequences(*_index_views(storage, page_size, head_dim), block_table, length)
 
 
 @index_keys_read.register_fake

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from dsv.ops import cache_ops
-from dsv.ops.quant import act_dequant, act_quant, fp8_kv_bytes, pack_fp8_kv, unpack_fp8_kv
+from dsv.ops.quant import act_dequant, fp8_kv_bytes, pack_fp8_kv, unpack_fp8_kv
 
 KV_DTYPES = ("auto", "bf16", "fp8_e4m3")
 
@@ -126,12 +126,10 @@ class IndexKCacheLayer:
         if self.quantized and torch.compiler.is_compiling():  # see dsv.ops.cache_ops
             cache_ops.index_keys_write(self.storage, slots, k, self.page_size, self.head_dim)
             return
-        page, off = self._page_offset(slots)
         if self.quantized:
-            q, s = act_quant(k, self.head_dim, "ue8m0")
-            self.keys[page, off] = q
-            self.scales[page, off] = s[:, 0]
+            cache_ops.write_index_keys(self.keys, self.scales, slots, k, self.page_size)
         else:
+            page, off = self._page_offset(slots)
             self.keys[page, off] = k.to(self.dtype)
 
     def read(self, slots: torch.Tensor) -> torch.Tensor:
@@ -149,11 +147,4 @@ class IndexKCacheLayer:
         """
         if self.quantized and torch.compiler.is_compiling():
             return cache_ops.index_keys_read(self.storage, block_table, length, self.page_size, self.head_dim)
-        pages = block_table[:, : -(-length // self.page_size)].long()
-        b = pages.shape[0]
-        flat = pages.reshape(-1)
-        keys = self.keys.index_select(0, flat).view(b, -1, self.head_dim)[:, :length]
-        if not self.quantized:
-            return keys.float()
-        scales = self.scales.index_select(0, flat).view(b, -1)[:, :length]
-        return act_dequant(keys, scales.unsqueeze(-1), self.head_dim)
+        return cache_ops.gather_sequences(self.keys, self.scales, block_table, length)
