@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
@@ -20,14 +18,23 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return out.to(x.dtype)
 
 
-@functools.lru_cache(maxsize=8)
+#: (size, device type) -> the normalized Hadamard matrix. A plain dict rather than functools.lru_cache, which
+#: torch.compile traces through with a warning (the compiled decode forward calls this every layer).
+_HADAMARD: dict[tuple[int, str], torch.Tensor] = {}
+
+
 def _hadamard(n: int, device_type: str) -> torch.Tensor:
+    h = _HADAMARD.get((n, device_type))
+    if h is not None:
+        return h
     if n & (n - 1):
         raise ValueError(f"Hadamard rotation needs a power-of-two size, got {n}")
     h = torch.ones(1, 1, dtype=torch.float32)
     while h.shape[0] < n:  # Sylvester construction
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / n**0.5).to(device_type)
+    h = (h / n**0.5).to(device_type)
+    _HADAMARD[(n, device_type)] = h
+    return h
 
 
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
