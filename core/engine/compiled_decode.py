@@ -14,9 +14,11 @@ into C++ kernels. What makes the forward one graph without breaks:
 
 The numerics are those of the reference ops (bf16 casts rounded as eager rounds them), up to the order of fp32
 sums inside inductor's kernels, so the tokens can differ from the eager engine's where two logits or two
-indexer scores nearly tie. Shapes are dynamic (one compilation serves every batch size and context length);
-the first decode step pays the compilation (about a minute for the default model on two cores). Prefill and
-mixed steps stay eager.
+indexer scores nearly tie. Shapes are dynamic: one compilation serves batch sizes and context lengths, except
+what torch.compile always specializes (a batch of one sequence, a block table one page wide) and sizes that
+happen to equal a model dimension at trace time (a batch as large as the head count): those compile once more.
+Each compilation takes about a minute for the default model on two cores, at the first decode step of its
+shape. Prefill and mixed steps stay eager.
 """
 
 from __future__ import annotations

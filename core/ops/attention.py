@@ -21,6 +21,10 @@ def sparse_mla(q: torch.Tensor, cache: MLACacheLayer, indices: torch.Tensor, sm_
     """
     t, h, d = q.shape
     k = indices.shape[1]
+    if torch.compiler.is_compiling():
+        # One block: a loop over token blocks would make torch.compile specialize on the token count (a new
+        # compilation per decode batch size).
+        return _sparse_mla_block(q, cache, indices, sm_scale)
     out = q.new_empty(t, h, cache.kv_lora_rank)
     # Gathered rows are [tokens, K, R + Dr] fp32; in blocks of tokens they stay in the CPU's caches (one
     # big gather ran 3x slower there). GPUs take the whole batch at once up to a generous memory bound.
