@@ -4,7 +4,9 @@ without decode graphs (the CPU reference backend).
 A CPU decode step of a small batch is a few thousand small torch calls; inductor fuses the element-wise ones
 into C++ kernels. What makes the forward one graph without breaks:
 
-* the KV caches are read and written through opaque custom ops while compiling (:mod:`dsv.ops.cache_ops`);
+* the KV caches are read and written through opaque custom ops while compiling (:mod:`dsv.ops.cache_ops`;
+  the MLA cache in both layouts and the FP8 indexer cache; a float indexer cache, ``--indexer-quant none``, is
+  still written inside the graph, which costs a copy of its storage per step);
 * FP8 weights are dequantized once, before compiling, and kept on the weight (``dsv_dequantized``), so the
   compiled linear and MoE read them instead of the id-keyed cache of :mod:`dsv.ops.linear`;
 * the MLA absorption weights are made before compiling;
