@@ -71,8 +71,7 @@ def indexer_case(
     """Indexer decode over ``batch`` sequences of ``ctx`` keys; ``mixed``: lengths spread evenly from ctx/8 to
     ctx (a serving batch at long context), ``ctx`` being the longest."""
     heads, dim, page = 64, 128, 64
-    lengths = [max(1, ctx * (b + 1) // batch) if mixed else ctx for b in range(batch)]
-    lengths = [max(n, ctx // 8) for n in lengths]
+    lengths = [max(ctx * (b + 1) // batch, ctx // 8, 1) if mixed else ctx for b in range(batch)]
 
     def setup(dev: str) -> tuple:
         from dsv.engine.batch import SeqChunk, build_metadata

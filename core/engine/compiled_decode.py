@@ -33,10 +33,9 @@ from dsv.model.attention import MLA
 from dsv.model.deepseek_v32 import DeepseekV32ForCausalLM
 from dsv.model.layers import Linear
 from dsv.model.moe import Experts
-from dsv.ops.linear import dequantized_weight
+from dsv.ops.linear import dequantized_linear, dequantized_weight
 from dsv.ops.metadata import AttentionMetadata
-from dsv.ops.moe import ExpertWeights, fused_moe
-from dsv.ops.quant import quant_roundtrip
+from dsv.ops.moe import ExpertWeights, expert_hidden, expert_input
 
 #: The dense form of the routed experts runs when E <= this x top_k (its waste is E / top_k).
 DENSE_EXPERTS_PER_TOP_K = 8
@@ -97,8 +96,7 @@ def _compile_ops(ops: OpTable) -> OpTable:
         w = getattr(weight, DEQUANTIZED, None)
         if scale_inv is None or w is None:
             return reference_linear(x, weight, scale_inv, block, act_scale_fmt)
-        xq = quant_roundtrip(x, block[1], act_scale_fmt, torch.float32)
-        return torch.nn.functional.linear(xq, w).to(x.dtype)
+        return dequantized_linear(x, w, block[1], act_scale_fmt)
 
     def moe(x, weights, ids, experts):
         dequantized = all(hasattr(getattr(experts, n), DEQUANTIZED) for n in ("w1", "w3", "w2"))
@@ -116,16 +114,13 @@ def _dense_experts(
 ) -> torch.Tensor:
     """:func:`dsv.ops.moe.fused_moe` with every expert run on every token: the same per-row products (FP8
     activations quantized per 1x128, SwiGLU from products rounded to x's dtype, requantized h), then each
-    token's routed outputs weighted in fp32 and the unrouted ones weighted by zero."""
-    if experts.w1_scale is None:
-        return fused_moe(x, weights, ids, experts)
+    token's routed outputs weighted in fp32 and the unrouted ones weighted by zero. FP8 experts only (the
+    dequantized copies :func:`_prepare` made)."""
     w1, w3, w2 = (getattr(getattr(experts, n), DEQUANTIZED) for n in ("w1", "w3", "w2"))
-    block, fmt = experts.block[1], experts.act_scale_fmt
-    xq = quant_roundtrip(x, block, fmt, torch.float32)
+    xq = expert_input(x, experts)
     gate = torch.einsum("td,eid->eti", xq, w1)
     up = torch.einsum("td,eid->eti", xq, w3)
-    h = (torch.nn.functional.silu(gate.to(x.dtype).float()) * up.to(x.dtype).float()).to(x.dtype)
-    y = torch.bmm(quant_roundtrip(h, block, fmt, torch.float32), w2.transpose(1, 2))  # [E, T, D]
+    y = torch.bmm(expert_hidden(gate, up, experts, x.dtype), w2.transpose(1, 2))  # [E, T, D]
     routing = torch.zeros(x.shape[0], experts.num_experts, dtype=torch.float32, device=x.device)
     routing.scatter_(1, ids, weights.float())
     return (y.to(x.dtype).float() * routing.t()[..., None]).sum(0).to(x.dtype)

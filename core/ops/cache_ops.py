@@ -15,7 +15,7 @@ import torch
 from dsv.ops.quant import act_dequant, act_quant
 
 
-def _index_views(storage: torch.Tensor, page_size: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def index_views(storage: torch.Tensor, page_size: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 keys [pages, page_size, D], fp32 scales [pages, page_size]) of a quantized indexer storage."""
     pages, key_bytes = storage.shape[0], page_size * head_dim
     keys = storage[:, :key_bytes].view(torch.float8_e4m3fn).view(pages, page_size, head_dim)
@@ -71,7 +71,7 @@ def index_keys_write(
     storage: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, page_size: int, head_dim: int
 ) -> None:
     """:func:`write_index_keys` into a quantized indexer storage (uint8 pages of keys then scales)."""
-    write_index_keys(*_index_views(storage, page_size, head_dim), slots, k, page_size)
+    write_index_keys(*index_views(storage, page_size, head_dim), slots, k, page_size)
 
 
 @torch.library.custom_op("dsv::index_keys_read", mutates_args=())
@@ -79,7 +79,7 @@ def index_keys_read(
     storage: torch.Tensor, block_table: torch.Tensor, length: int, page_size: int, head_dim: int
 ) -> torch.Tensor:
     """:func:`gather_sequences` of a quantized indexer storage."""
-    return gather_sequences(*_index_views(storage, page_size, head_dim), block_table, length)
+    return gather_sequences(*index_views(storage, page_size, head_dim), block_table, length)
 
 
 @index_keys_read.register_fake

@@ -103,11 +103,7 @@ class IndexKCacheLayer:
             self.storage = torch.zeros(
                 num_pages, page_size * (head_dim + 4), dtype=torch.uint8, device=device
             )
-            key_bytes = page_size * head_dim
-            self.keys = (
-                self.storage[:, :key_bytes].view(torch.float8_e4m3fn).view(num_pages, page_size, head_dim)
-            )
-            self.scales = self.storage[:, key_bytes:].view(torch.float32).view(num_pages, page_size)
+            self.keys, self.scales = cache_ops.index_views(self.storage, page_size, head_dim)
         else:
             self.storage = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=device)
             self.keys = self.storage

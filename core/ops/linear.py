@@ -67,5 +67,13 @@ def linear(
     """
     if scale_inv is None:
         return torch.nn.functional.linear(x, weight.to(x.dtype))
-    xq = quant_roundtrip(x, block[1], act_scale_fmt, torch.float32)
-    return torch.nn.functional.linear(xq, dequantized_weight(weight, scale_inv, block)).to(x.dtype)
+    return dequantized_linear(x, dequantized_weight(weight, scale_inv, block), block[1], act_scale_fmt)
+
+
+def dequantized_linear(
+    x: torch.Tensor, weight_fp32: torch.Tensor, group: int, act_scale_fmt: str | None
+) -> torch.Tensor:
+    """The FP8 product of :func:`linear` from the weight's fp32 dequantized copy: x quantized per 1 x
+    ``group``, the product in fp32, the result in x's dtype."""
+    xq = quant_roundtrip(x, group, act_scale_fmt, torch.float32)
+    return torch.nn.functional.linear(xq, weight_fp32).to(x.dtype)

@@ -109,25 +109,36 @@ def fused_moe(
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=experts.num_experts).tolist()  # the one host sync
     tok = order // k
-    fp8 = experts.w1_scale is not None
     w1, w3, w2 = (_expert_weights(experts, name) for name in ("w1", "w3", "w2"))
-    rows = x.index_select(0, tok)
-    if fp8:
-        rows = quant_roundtrip(rows, experts.block[1], experts.act_scale_fmt, torch.float32)
+    rows = expert_input(x.index_select(0, tok), experts)
     inter, dim = experts.w1.shape[1], experts.w2.shape[1]
     gate = rows.new_empty(rows.shape[0], inter)
     up = rows.new_empty(rows.shape[0], inter)
     _per_expert(counts, rows, w1, gate)
     _per_expert(counts, rows, w3, up)
-    h = (torch.nn.functional.silu(gate.to(x.dtype).float()) * up.to(x.dtype).float()).to(x.dtype)
-    if fp8:
-        h = quant_roundtrip(h, experts.block[1], experts.act_scale_fmt, torch.float32)
+    h = expert_hidden(gate, up, experts, x.dtype)
     y = h.new_empty(h.shape[0], dim)
     _per_expert(counts, h, w2, y)
     contrib = y.to(x.dtype).float() * weights.reshape(-1)[order, None].float()
     out = torch.zeros(t, dim, dtype=torch.float32, device=x.device)
     out.index_add_(0, tok, contrib)
     return out.to(x.dtype)
+
+
+def expert_input(rows: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
+    """What the gate/up products take: the rows as they are, or FP8-quantized per 1x128 (fp32) for FP8 experts."""
+    if experts.w1_scale is None:
+        return rows
+    return quant_roundtrip(rows, experts.block[1], experts.act_scale_fmt, torch.float32)
+
+
+def expert_hidden(
+    gate: torch.Tensor, up: torch.Tensor, experts: ExpertWeights, dtype: torch.dtype
+) -> torch.Tensor:
+    """h = silu(gate) * up from products rounded to ``dtype``, rounded to ``dtype``; requantized (fp32) for FP8
+    experts: what the down product takes."""
+    h = (torch.nn.functional.silu(gate.to(dtype).float()) * up.to(dtype).float()).to(dtype)
+    return expert_input(h, experts)
 
 
 def _expert_weights(experts: ExpertWeights, name: str) -> Callable[[int], torch.Tensor]:
