@@ -25,6 +25,13 @@ With ``kv_format == "fp8"`` (FlashMLA's 656-byte rows: 512 e4m3, 4 fp32 scales, 
 the e4m3 bytes and their scales itself, stores bf16(value * scale) into the same bf16 buffers and copies only
 the rope part with cp.async; the consumers are unchanged. (Experimental: compiled, not yet run on a GPU.)
 
+Three build-time switches at the top of this module take work off consumer 0's critical path. Measured on
+the H200 one after another (CUDA-graph medians, the kernels.py cases: top-k 2048 whose last 256 entries are
+-1; c172200's program: decode B64 81.6-83.2 µs, 84.6 µs without the -1 tail, prefill 4K 490 TFLOPS):
+:data:`FAST_EXP2` alone 81.3-81.7 µs; with :data:`RESCALE_LOG2` (lazy rescaling of O) 76.8 µs, 78.9 µs
+without the tail, prefill 4K 526 TFLOPS; with :data:`SKIP_DEAD_TAIL` too 71.4 µs, but 80.1 µs without the
+tail (the live-block count at the start costs about 1 µs when there is nothing to skip).
+
 Block ``n`` of a split uses buffer ``n % 2``, so any number of 64-row blocks per split works, odd ones too
 (the caller pads the top-k list with -1 to whole blocks of every split, as for the simple program). Barrier
 phases follow from the block number: buffer ``b``'s "full" and "free" barriers complete once per use of the
@@ -55,6 +62,61 @@ THREADS = 384
 NREG_CONSUMER0 = 240
 NREG_CONSUMER1 = 168
 NREG_PRODUCER = 80
+
+#: Exponentials by ``ex2.approx.ftz.f32`` (one MUFU instruction) instead of ``exp2f``, which without fast math
+#: spends a compare and two predicated multiplies per value on subnormal results. Those become 0 here: they
+#: are probabilities far below what the bf16 P and the fp32 sums can resolve.
+FAST_EXP2 = True
+#: Stop each split after its last 64-row block that holds a valid index: the -1 tail of a sequence shorter
+#: than the top-k list (in decode, every sequence of fewer than top-k tokens) costs nothing then. Each
+#: warpgroup counts the live blocks itself at the start (:data:`_PRELUDE`'s ``dsv_live_blocks``), so the
+#: three loops run the same number of blocks with no extra barrier between them, and with no branch inside
+#: the loops (a branch around the wgmma code makes ptxas serialize the wgmma instructions). Dead blocks
+#: before the last live one still run, masked, as before.
+SKIP_DEAD_TAIL = True
+#: Named barriers of the live-block count, one per warpgroup (TileLang's own code uses the low ids).
+_LIVE_BARRIER = 8
+#: Lazy rescaling (FlashAttention-4's): a row's running maximum moves only when a block's maximum exceeds it
+#: by more than 2^RESCALE_LOG2 in the exp2 domain, so after the first blocks the rescale factor is exactly 1
+#: and each warp of both consumers skips its 128-register rescale of O (a branch on a warp vote: ptxas keeps
+#: the wgmma pipeline only for a provably warp-uniform branch). Probabilities then reach up to 2^RESCALE_LOG2
+#: (256): exact in fp32, and the bf16 P keeps its relative precision. None: rescale at every block.
+RESCALE_LOG2: float | None = 8.0
+
+_PRELUDE = """
+__device__ __forceinline__ float dsv_ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 1 + the last block of `block` entries of idx[0:n) that holds a non-negative entry (0 when none). Called by
+// the 128 threads of one warpgroup (lane 0..127), with that warpgroup's own named barrier and four ints of
+// shared scratch.
+__device__ __forceinline__ int dsv_live_blocks(const int* idx, int n, int block, int lane, int bar_id,
+                                               int* scratch) {
+  int last = -1;
+  #pragma unroll 16
+  for (int e = lane; e < n; e += 128) {
+    if (idx[e] >= 0) last = e;
+  }
+  last = __reduce_max_sync(0xffffffffu, last);
+  if ((lane & 31) == 0) scratch[lane >> 5] = last;
+  asm volatile("bar.sync %0, 128;" : : "r"(bar_id) : "memory");
+  last = max(max(scratch[0], scratch[1]), max(scratch[2], scratch[3]));
+  return last < 0 ? 0 : last / block + 1;
+}
+
+// Whether any lane of the warp has a rescale factor below 1 (a warp-uniform value, see RESCALE_LOG2).
+__device__ __forceinline__ int dsv_warp_any(float least) {
+  return __any_sync(0xffffffffu, least < 1.0f);
+}
+"""
+
+
+def _exp2(x: Any) -> Any:
+    """2^x: the single-instruction approximation when :data:`FAST_EXP2` (see there), else ``T.exp2``."""
+    return T.call_extern("float32", "dsv_ex2", x) if FAST_EXP2 else T.exp2(x)
 
 
 def build_program(key: KernelKey) -> Any:
@@ -89,6 +151,8 @@ def build_program(key: KernelKey) -> Any:
     scale_col = D // 4  # first scale, in fp32 units of the row
     rope_col = (D + (D // _FP8_GROUP) * 4) // 2  # first rope value, in bf16 units of the row
     groups_half = D2 // _FP8_GROUP  # scale groups per latent half
+    skip_tail = SKIP_DEAD_TAIL
+    span = steps * BI  # indices per split
 
     @T.prim_func
     def sparse_mla_ws(
@@ -103,7 +167,7 @@ def build_program(key: KernelKey) -> Any:
             # The same 656-byte rows seen as fp32 (the scales) and as bf16 (the rope part).
             KVs = T.view(KV, (slots, kv_cols // 4), acc)
             KVr = T.view(KV, (slots, kv_cols // 2), dtype)
-        with T.Kernel(tokens * rep, S, threads=THREADS) as (bx, by):
+        with T.Kernel(tokens * rep, S, threads=THREADS, prelude=_PRELUDE) as (bx, by):
             # 64 + 8 KB of queries, 2 x (64 + 8) KB of KV, 8 KB of P: 224 KB of the 227 KB an sm_90 block
             # may have. The output goes out through the query buffers (each consumer its own half).
             q_l = T.alloc_shared((BH, D2), dtype)
@@ -117,16 +181,21 @@ def build_program(key: KernelKey) -> Any:
             valid = T.alloc_shared((2, BI), "bool", scope="shared")
             alpha_s = T.alloc_shared((BH,), acc, scope="shared")
             l_s = T.alloc_shared((BH,), acc, scope="shared")
+            live_red = T.alloc_shared((3, 4), "int32", scope="shared")  # live-block count, per warpgroup
 
             acc_o_l = T.alloc_fragment((BH, D2), acc)
             acc_o_r = T.alloc_fragment((BH, D2), acc)
             acc_s = T.alloc_fragment((BH, BI), acc)
             m_i = T.alloc_fragment((BH,), acc)
             m_prev = T.alloc_fragment((BH,), acc)
+            m_blk = T.alloc_fragment((BH,), acc)
+            alpha_r = T.alloc_fragment((BH,), acc)  # consumer 1's rescale factors, in its rows' layout
             alpha = T.alloc_fragment((BH,), acc)
             l_i = T.alloc_fragment((BH,), acc)
             l_blk = T.alloc_fragment((BH,), acc)
             rows = T.alloc_local((passes,), "int32")
+            live = T.alloc_local((1,), "int32")  # blocks this split runs: up to its last live one
+            least = T.alloc_local((1,), acc)  # the smallest rescale factor of this thread's rows
 
             # q_ready: both consumers' shares of the query copy. full: cp.async arrivals (noinc) plus the
             # producer's plain arrive after the mask. free: both consumers done with a buffer.
@@ -141,6 +210,21 @@ def build_program(key: KernelKey) -> Any:
             h0 = (bx % rep) * BH
             k0 = by * (steps * BI)
             tx = T.get_thread_binding()
+            wg = tx // 128
+            # (A Python branch on a build-time flag: the frontend emits only the taken one.)
+            if skip_tail:
+                live[0] = T.call_extern(
+                    "int32",
+                    "dsv_live_blocks",
+                    T.access_ptr(Idx[t, k0], "r", span),
+                    span,
+                    BI,
+                    tx % 128,
+                    _LIVE_BARRIER + wg,
+                    T.access_ptr(live_red[wg, 0], "rw", 4),
+                )
+            else:
+                live[0] = steps
 
             if tx < 128:
                 T.set_max_nreg(NREG_CONSUMER0, 1)
@@ -153,7 +237,7 @@ def build_program(key: KernelKey) -> Any:
                 T.copy(Q[t, h0 : h0 + BH, D : D + DT], q_t)
                 T.barrier_arrive(q_ready)
                 T.barrier_wait(q_ready, 0)
-                for n in T.serial(steps):
+                for n in T.serial(live[0]):
                     b = n % 2
                     T.barrier_wait(full[b], (n // 2) % 2)
                     # Masked columns start at -inf; the GEMMs accumulate onto this initial value.
@@ -164,16 +248,34 @@ def build_program(key: KernelKey) -> Any:
                     T.wgmma_gemm(q_t, kv_t[b, :, :], acc_s, transpose_B=True)
                     T.wait_wgmma(0)
                     T.copy(m_i, m_prev)
-                    T.reduce_max(acc_s, m_i, dim=1, clear=False)
+                    if RESCALE_LOG2 is not None:
+                        T.reduce_max(acc_s, m_blk, dim=1, clear=True)
+                        for h in T.Parallel(BH):
+                            m_i[h] = T.if_then_else(
+                                (m_blk[h] - m_prev[h]) * scale > RESCALE_LOG2, m_blk[h], m_prev[h]
+                            )
+                    else:
+                        T.reduce_max(acc_s, m_i, dim=1, clear=False)
                     for h in T.Parallel(BH):
-                        alpha[h] = T.exp2((m_prev[h] - m_i[h]) * scale)
+                        # Exactly 1 when the maximum stays (the lazy rescale's test).
+                        alpha[h] = T.if_then_else(
+                            m_i[h] == m_prev[h], 1.0, _exp2((m_prev[h] - m_i[h]) * scale)
+                        )
                     for h, j in T.Parallel(BH, BI):
-                        acc_s[h, j] = T.exp2(acc_s[h, j] * scale - m_i[h] * scale)
+                        acc_s[h, j] = _exp2(acc_s[h, j] * scale - m_i[h] * scale)
                     T.reduce_sum(acc_s, l_blk, dim=1)
                     for h in T.Parallel(BH):
                         l_i[h] = l_i[h] * alpha[h] + l_blk[h]
-                    for h, d in T.Parallel(BH, D2):
-                        acc_o_l[h, d] = acc_o_l[h, d] * alpha[h]
+                    if RESCALE_LOG2 is not None:
+                        least[0] = 1.0
+                        for h in T.Parallel(BH):
+                            least[0] = T.min(least[0], alpha[h])
+                        if T.call_extern("int32", "dsv_warp_any", least[0]) != 0:
+                            for h, d in T.Parallel(BH, D2):
+                                acc_o_l[h, d] = acc_o_l[h, d] * alpha[h]
+                    else:
+                        for h, d in T.Parallel(BH, D2):
+                            acc_o_l[h, d] = acc_o_l[h, d] * alpha[h]
                     # P and alpha_s are single buffers: wait until consumer 1 has used the previous block's.
                     T.barrier_wait(p_free, 1 - b)
                     for h in T.Parallel(BH):
@@ -212,11 +314,20 @@ def build_program(key: KernelKey) -> Any:
                 # Consumer 0's wgmma reads these stores through the async proxy.
                 T.fence_proxy_async()
                 T.barrier_arrive(q_ready)
-                for n in T.serial(steps):
+                for n in T.serial(live[0]):
                     b = n % 2
                     T.barrier_wait(p_ready, b)
-                    for h, d in T.Parallel(BH, D2):
-                        acc_o_r[h, d] = acc_o_r[h, d] * alpha_s[h]
+                    if RESCALE_LOG2 is not None:
+                        least[0] = 1.0
+                        for h in T.Parallel(BH):
+                            alpha_r[h] = alpha_s[h]
+                            least[0] = T.min(least[0], alpha_r[h])
+                        if T.call_extern("int32", "dsv_warp_any", least[0]) != 0:
+                            for h, d in T.Parallel(BH, D2):
+                                acc_o_r[h, d] = acc_o_r[h, d] * alpha_r[h]
+                    else:
+                        for h, d in T.Parallel(BH, D2):
+                            acc_o_r[h, d] = acc_o_r[h, d] * alpha_s[h]
                     T.wgmma_gemm(p_s, kv_r[b, :, :], acc_o_r)
                     T.wait_wgmma(0)
                     T.barrier_arrive(p_free)
@@ -236,7 +347,7 @@ def build_program(key: KernelKey) -> Any:
                 r0 = lane // _LANES_PER_ROW
                 c0 = (lane % _LANES_PER_ROW) * _VEC
                 c16 = (lane % _LANES_PER_ROW) * _FP8_CHUNK
-                for n in T.serial(steps):
+                for n in T.serial(live[0]):
                     b = n % 2
                     base = k0 + n * BI
                     # Index loads first: their latency overlaps the wait for the buffer.
