@@ -12,6 +12,8 @@ Measured on an H200 (H = 128, top-k 2048, bf16 KV; backends/cuda/scripts/tilelan
 "ws" (the default wherever a split has >= 4 blocks) decode B64 86-88 µs in a CUDA graph (simple 123 µs),
 B128 163-168 µs (simple 235 µs), B16 44 µs (simple 52 µs), prefill 4K / 16K tokens 410-442 / 432-447 TFLOPS
 (simple 325-337 / 320-331). Decode B1 (16 splits of 2 blocks) stays on "simple": 24 µs in a graph vs 26 µs.
+Later "ws" figures (benchmarks/kernels.py --graphs, whose top-k lists end in 256 -1 entries; the program's
+docstring has the side-by-side comparison): B1 18.0 µs (simple), B16 34.7 µs, B64 67.7 µs, B128 136 µs.
 A "seesaw" schedule (the consumers computing the scores of alternate blocks, FlashMLA's) was slower than "ws"
 everywhere (B64 107 µs, prefill 416 TFLOPS) and was removed (commit 948bfd0 has it).
 """

@@ -26,11 +26,12 @@ the e4m3 bytes and their scales itself, stores bf16(value * scale) into the same
 the rope part with cp.async; the consumers are unchanged. (Experimental: compiled, not yet run on a GPU.)
 
 Three build-time switches at the top of this module take work off consumer 0's critical path. Measured on
-the H200 one after another (CUDA-graph medians, the kernels.py cases: top-k 2048 whose last 256 entries are
--1; c172200's program: decode B64 81.6-83.2 µs, 84.6 µs without the -1 tail, prefill 4K 490 TFLOPS):
-:data:`FAST_EXP2` alone 81.3-81.7 µs; with :data:`RESCALE_LOG2` (lazy rescaling of O) 76.8 µs, 78.9 µs
-without the tail, prefill 4K 526 TFLOPS; with :data:`SKIP_DEAD_TAIL` too 71.4 µs, but 80.1 µs without the
-tail (the live-block count at the start costs about 1 µs when there is nothing to skip).
+the H200 side by side in one run (CUDA-graph medians, the kernels.py cases: top-k 2048 whose last 256 entries
+are -1), against c172200's program: :data:`FAST_EXP2` with :data:`RESCALE_LOG2` (lazy rescaling of O) take
+decode B64 from 79.0-79.5 to 74.4 µs (81.2 to 75.3-76.3 µs with no -1 tail), B128 from 163-165 to 149-152
+µs and prefill 4K from 489-495 to 533-537 TFLOPS; :data:`SKIP_DEAD_TAIL` then takes B64 to 68.0-68.1 µs,
+B128 to 138-139 µs and prefill 4K to 581 TFLOPS (counted over the whole top-k list) on these padded lists,
+at no measurable cost without a tail (75.8-76.9 µs). FAST_EXP2 alone was worth about 0.5%.
 
 Block ``n`` of a split uses buffer ``n % 2``, so any number of 64-row blocks per split works, odd ones too
 (the caller pads the top-k list with -1 to whole blocks of every split, as for the simple program). Barrier
@@ -68,13 +69,14 @@ NREG_PRODUCER = 80
 #: are probabilities far below what the bf16 P and the fp32 sums can resolve.
 FAST_EXP2 = True
 #: Stop each split after its last 64-row block that holds a valid index: the -1 tail of a sequence shorter
-#: than the top-k list (in decode, every sequence of fewer than top-k tokens) costs nothing then. Each
-#: warpgroup counts the live blocks itself at the start (:data:`_PRELUDE`'s ``dsv_live_blocks``), so the
-#: three loops run the same number of blocks with no extra barrier between them, and with no branch inside
-#: the loops (a branch around the wgmma code makes ptxas serialize the wgmma instructions). Dead blocks
-#: before the last live one still run, masked, as before.
+#: than the top-k list (in decode, every sequence of fewer than top-k tokens) then costs nothing. The producer
+#: counts the live blocks before its first gather (:data:`_PRELUDE`'s ``dsv_live_blocks``: its index loads
+#: are the ones it needs anyway) and publishes the count with block 0's "full" barrier, which it completes
+#: even when there is nothing to gather; the consumers read it after their queries are loaded. All three
+#: loops then run the same number of blocks, with no branch inside them (a branch around the wgmma code makes
+#: ptxas serialize the wgmma instructions). Dead blocks before the last live one still run, masked.
 SKIP_DEAD_TAIL = True
-#: Named barriers of the live-block count, one per warpgroup (TileLang's own code uses the low ids).
+#: Named barrier of the producer's live-block count (TileLang's own code uses the low ids).
 _LIVE_BARRIER = 8
 #: Lazy rescaling (FlashAttention-4's): a row's running maximum moves only when a block's maximum exceeds it
 #: by more than 2^RESCALE_LOG2 in the exp2 domain, so after the first blocks the rescale factor is exactly 1
@@ -181,7 +183,10 @@ def build_program(key: KernelKey) -> Any:
             valid = T.alloc_shared((2, BI), "bool", scope="shared")
             alpha_s = T.alloc_shared((BH,), acc, scope="shared")
             l_s = T.alloc_shared((BH,), acc, scope="shared")
-            live_red = T.alloc_shared((3, 4), "int32", scope="shared")  # live-block count, per warpgroup
+            # The producer's live-block count: its scratch, and the count for the consumers (published by
+            # block 0's "full" barrier).
+            live_red = T.alloc_shared((4,), "int32", scope="shared")
+            live_s = T.alloc_shared((1,), "int32", scope="shared")
 
             acc_o_l = T.alloc_fragment((BH, D2), acc)
             acc_o_r = T.alloc_fragment((BH, D2), acc)
@@ -210,21 +215,6 @@ def build_program(key: KernelKey) -> Any:
             h0 = (bx % rep) * BH
             k0 = by * (steps * BI)
             tx = T.get_thread_binding()
-            wg = tx // 128
-            # (A Python branch on a build-time flag: the frontend emits only the taken one.)
-            if skip_tail:
-                live[0] = T.call_extern(
-                    "int32",
-                    "dsv_live_blocks",
-                    T.access_ptr(Idx[t, k0], "r", span),
-                    span,
-                    BI,
-                    tx % 128,
-                    _LIVE_BARRIER + wg,
-                    T.access_ptr(live_red[wg, 0], "rw", 4),
-                )
-            else:
-                live[0] = steps
 
             if tx < 128:
                 T.set_max_nreg(NREG_CONSUMER0, 1)
@@ -237,6 +227,12 @@ def build_program(key: KernelKey) -> Any:
                 T.copy(Q[t, h0 : h0 + BH, D : D + DT], q_t)
                 T.barrier_arrive(q_ready)
                 T.barrier_wait(q_ready, 0)
+                # (Python branches on build-time flags: the frontend emits only the taken one.)
+                if skip_tail:
+                    T.barrier_wait(full[0], 0)
+                    live[0] = live_s[0]
+                else:
+                    live[0] = steps
                 for n in T.serial(live[0]):
                     b = n % 2
                     T.barrier_wait(full[b], (n // 2) % 2)
@@ -314,6 +310,11 @@ def build_program(key: KernelKey) -> Any:
                 # Consumer 0's wgmma reads these stores through the async proxy.
                 T.fence_proxy_async()
                 T.barrier_arrive(q_ready)
+                if skip_tail:
+                    T.barrier_wait(full[0], 0)
+                    live[0] = live_s[0]
+                else:
+                    live[0] = steps
                 for n in T.serial(live[0]):
                     b = n % 2
                     T.barrier_wait(p_ready, b)
@@ -347,6 +348,25 @@ def build_program(key: KernelKey) -> Any:
                 r0 = lane // _LANES_PER_ROW
                 c0 = (lane % _LANES_PER_ROW) * _VEC
                 c16 = (lane % _LANES_PER_ROW) * _FP8_CHUNK
+                if skip_tail:
+                    live[0] = T.call_extern(
+                        "int32",
+                        "dsv_live_blocks",
+                        T.access_ptr(Idx[t, k0], "r", span),
+                        span,
+                        BI,
+                        lane,
+                        _LIVE_BARRIER,
+                        T.access_ptr(live_red[0], "rw", 4),
+                    )
+                    # Every producer thread stores the same count; its arrive on block 0's "full" barrier
+                    # publishes it. With no block to gather, that barrier's phase completes all the same.
+                    live_s[0] = live[0]
+                    if live[0] == 0:
+                        T.cp_async_barrier_noinc(full[0])
+                        T.barrier_arrive(full[0])
+                else:
+                    live[0] = steps
                 for n in T.serial(live[0]):
                     b = n % 2
                     base = k0 + n * BI
