@@ -91,9 +91,9 @@ def test_table_on_h200_with_tilelang_offers_the_kernels(tilelang_installed):
     # No FA3 / FlashMLA here: tilelang is the preferred available kernel for a bf16 cache ...
     chosen = backend.default_kernels(kv_cache_dtype="bf16")
     assert chosen["sparse_mla_decode"] == "tilelang" and chosen["sparse_mla_prefill"] == "tilelang"
-    # ... and never the default for the FP8 cache, which it does not read.
+    # ... and for FP8-cache decode (the ws producer dequantizes the rows), never for FP8-cache prefill.
     chosen = backend.default_kernels(kv_cache_dtype="fp8_e4m3")
-    assert chosen["sparse_mla_decode"] != "tilelang" and chosen["sparse_mla_prefill"] != "tilelang"
+    assert chosen["sparse_mla_decode"] == "tilelang" and chosen["sparse_mla_prefill"] != "tilelang"
 
 
 def test_choosing_tilelang_without_the_package_is_refused_with_the_reason(tilelang_installed):
@@ -104,11 +104,12 @@ def test_choosing_tilelang_without_the_package_is_refused_with_the_reason(tilela
         backend.ops({"nsa_decode": "tilelang"})
 
 
-def test_choosing_tilelang_with_the_fp8_cache_is_refused(tilelang_installed):
+def test_choosing_tilelang_prefill_with_the_fp8_cache_is_refused(tilelang_installed):
     tilelang_installed(True)
     backend = CudaBackend(arch=H200)
-    reasons = backend.validate({"nsa_decode": "tilelang", "kv_cache_dtype": "fp8_e4m3"})
+    reasons = backend.validate({"nsa_prefill": "tilelang", "kv_cache_dtype": "fp8_e4m3"})
     assert any("tilelang needs the bf16 KV layout" in r for r in reasons), reasons
+    assert backend.validate({"nsa_decode": "tilelang", "kv_cache_dtype": "fp8_e4m3"}) == []
     assert backend.validate({"nsa_decode": "tilelang", "kv_cache_dtype": "bf16"}) == []
     with pytest.raises(KernelUnavailable, match="bf16 KV layout"):
         backend.ops({"nsa_prefill": "tilelang"}, {"kv_cache_dtype": "fp8_e4m3"})
@@ -126,10 +127,10 @@ def _cache(layout: str = "float", dtype: torch.dtype = torch.bfloat16, r: int = 
     return MLACacheLayer(2, 64, r, dr, layout, dtype, "cpu")
 
 
-def test_fp8_layout_is_refused_with_what_works():
+def test_fp8_layout_is_refused_by_prefill_with_what_works():
     q = torch.zeros(2, 16, 576, dtype=torch.bfloat16)
     with pytest.raises(KernelUnavailable, match="FP8 656-byte layout.*--kv-cache-dtype bf16"):
-        tl_mla.sparse_mla_decode(q, _cache("fp8"), torch.zeros(2, 8, dtype=torch.long), 0.1)
+        tl_mla.sparse_mla_prefill(q, _cache("fp8"), torch.zeros(2, 8, dtype=torch.long), 0.1)
 
 
 def test_fp32_cache_is_refused():
@@ -297,26 +298,50 @@ def test_sparse_mla_runs_the_chosen_variant(monkeypatch, tokens, variant, expect
     assert [p.variant for p in plans] == [expected]
 
 
-def test_only_an_explicit_ws_variant_reads_the_fp8_layout():
-    """The ws producer can dequantize FlashMLA's FP8 rows; the registered ops (auto variant) keep refusing
-    the layout, and asking another variant for it names the one that reads it."""
+def test_only_the_ws_variant_reads_the_fp8_layout():
+    """The ws producer dequantizes FlashMLA's FP8 rows: "auto" and "ws" take the layout (past the layout
+    check, this CPU tensor is what is refused), "auto" runs them on "ws" only, and asking another variant for
+    them names the one that reads them."""
     q = torch.zeros(2, 16, 576, dtype=torch.bfloat16)
     idx = torch.zeros(2, 8, dtype=torch.long)
+    for tiles in (None, tl_mla.Tiles(variant="ws")):
+        with pytest.raises(KernelUnavailable, match="CUDA tensors"):
+            tl_mla.sparse_mla(q, _cache("fp8"), idx, 0.1, tiles=tiles)
     with pytest.raises(KernelUnavailable, match="FP8 656-byte layout"):
-        tl_mla.sparse_mla(q, _cache("fp8"), idx, 0.1)
-    # Past the layout check, this CPU tensor is what is refused:
-    with pytest.raises(KernelUnavailable, match="CUDA tensors"):
-        tl_mla.sparse_mla(q, _cache("fp8"), idx, 0.1, tiles=tl_mla.Tiles(variant="ws"))
+        tl_mla.sparse_mla(q, _cache("fp8"), idx, 0.1, tiles=tl_mla.Tiles(variant="simple"))
     with pytest.raises(KernelUnavailable, match="only the 'ws' variant reads the FP8 layout"):
         tl_mla.choose_variant(tl_mla.Tiles(variant="simple"), 512, 64, kv_format="fp8")
     assert tl_mla.choose_variant(tl_mla.Tiles(variant="ws"), 512, 64, kv_format="fp8") == "ws"
+    auto = tl_mla.DEFAULT_TILES
+    assert tl_mla.choose_variant(auto, 512, 64, blocks_per_split=8, kv_format="fp8") == "ws"
+    with pytest.raises(KernelUnavailable, match="needs >= 4 blocks per split"):
+        tl_mla.choose_variant(auto, 512, 64, blocks_per_split=2, kv_format="fp8")
+
+
+@pytest.mark.parametrize(
+    ("tokens", "dtype", "expected"),
+    [
+        (1, torch.bfloat16, False),  # 16 splits of 2 blocks: dsv's Triton kernel
+        (4, torch.bfloat16, False),
+        (8, torch.bfloat16, True),  # 4 splits of 8 blocks
+        (64, torch.bfloat16, True),
+        (64, torch.float16, True),
+        (64, torch.float32, False),  # read back as fp32: not a ws dtype
+    ],
+)
+def test_fp8_decode_goes_to_ws_where_it_can(monkeypatch, tokens, dtype, expected):
+    monkeypatch.setattr(tl_mla, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    q = torch.zeros(tokens, 128, 576, dtype=torch.bfloat16)
+    idx = torch.zeros(tokens, 2048, dtype=torch.long)
+    assert tl_mla.ws_reads_fp8(q, _cache("fp8", dtype), idx) is expected
 
 
 def test_fp8_rows_need_whole_scale_groups_per_latent_half():
     from dsv_cuda.tilelang.kernel_key import ws_unsupported
 
     assert ws_unsupported(512, 64, 64, 64, "fp8") == ""
-    assert "scale groups" in ws_unsupported(384, 64, 64, 64, "fp8")  # halves of 192: not whole groups
+    assert "scale groups" in ws_unsupported(384, 64, 64, 64, "fp8")  # FlashMLA's rows hold 512 values
     assert ws_unsupported(384, 64, 64, 64, "half") == ""
 
 

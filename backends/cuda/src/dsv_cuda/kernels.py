@@ -35,14 +35,14 @@ def _kernel(op: str, name: str, fn: Callable[..., Any] | None, status: Status, d
 
 
 def _tilelang(op: str, status: Status) -> Kernel:
-    """dsv's TileLang kernel for ``op`` (bf16 KV); unavailable without tilelang or off sm_90."""
+    """dsv's TileLang kernel for ``op`` (bf16 KV; decode also FlashMLA's FP8 rows); unavailable without
+    tilelang or off sm_90."""
     fns = {
         "sparse_mla_prefill": tilelang_kernels.sparse_mla_prefill,
         "sparse_mla_decode": tilelang_kernels.sparse_mla_decode,
     }
-    return _kernel(
-        op, "tilelang", fns[op], status, "dsv TileLang sparse MLA, bf16 KV (compiled on first use)"
-    )
+    kv = "bf16 or FP8 KV" if op == "sparse_mla_decode" else "bf16 KV"
+    return _kernel(op, "tilelang", fns[op], status, f"dsv TileLang sparse MLA, {kv} (compiled on first use)")
 
 
 def _triton(op: str, table: dict[str, Callable[..., Any]], status: Status) -> list[Kernel]:

@@ -85,8 +85,9 @@ REQUIREMENTS: dict[tuple[str, str], Requirement] = {
     ("sparse_mla_decode", "fa3"): Requirement(layout="float", half_kv=True, hint="FA3 reads a bf16 cache"),
     ("sparse_mla_prefill", "fa3"): Requirement(layout="float", half_kv=True, hint="FA3 reads a bf16 cache"),
     ("sparse_mla_prefill", "flashmla_prefill"): Requirement(half_kv=True, hint="FlashMLA prefill reads bf16"),
+    # Decode reads FlashMLA's FP8 rows too (the "ws" producer dequantizes them; Triton below 4 blocks a split).
     ("sparse_mla_decode", "tilelang"): Requirement(
-        layout="float", half_kv=True, hint="dsv's TileLang sparse MLA reads a bf16 cache"
+        half_kv=True, hint="dsv's TileLang sparse MLA reads a bf16 cache or FlashMLA's FP8 rows"
     ),
     ("sparse_mla_prefill", "tilelang"): Requirement(
         layout="float", half_kv=True, hint="dsv's TileLang sparse MLA reads a bf16 cache"

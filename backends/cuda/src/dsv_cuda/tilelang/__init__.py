@@ -5,7 +5,9 @@ the GPU's compute capability, and the kernels are compiled at their first call (
 
 Kernels:
     sparse_mla: absorbed sparse MLA over top-k global slots (``sparse_mla_decode`` / ``sparse_mla_prefill``),
-        bf16/fp16 "float" KV layout; the FP8 656-byte layout is refused with the reason. Two programs:
+        bf16/fp16 "float" KV layout; FlashMLA's FP8 656-byte layout for decode (the "ws" program's producer
+        dequantizes it; dsv's Triton kernel serves the small batches "ws" does not take), refused with the
+        reason for prefill. Two programs:
         sparse_mla_kernel ("simple") and sparse_mla_ws_kernel ("ws", warp-specialized: the default where it
         is faster).
 """

@@ -15,6 +15,8 @@ WS_VEC = 8
 WS_ROWS_PER_PASS = 128 // WS_LANES_PER_ROW
 #: Values per fp32 scale in FlashMLA's FP8 cache rows (dsv.ops.quant.pack_fp8_kv).
 FP8_GROUP = 128
+#: Scale groups per FP8 row: the producer's dequantizing helper takes one lane's piece of each of the four.
+FP8_GROUPS = 4
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ def ws_unsupported(dim: int, tail: int, block_h: int, block_i: int, kv_format: s
     Its producer splits the latent columns into two halves of 64-column pieces (one per consumer
     warpgroup's P @ V), copies the rope columns in 64-column pieces, and covers ``block_i`` rows in passes of
     16; one consumer warpgroup holds the scores of 64 heads (the wgmma M). FP8 rows are dequantized a whole
-    128-value scale group per 8 lanes, so each latent half must hold whole groups."""
+    128-value scale group per 8 lanes, four groups to a row (FlashMLA's 512-value rows)."""
     piece = WS_LANES_PER_ROW * WS_VEC
     if dim % (2 * piece):
         return f"kv_lora_rank must split into two halves of {piece}-column pieces (% {2 * piece}), got {dim}"
@@ -60,8 +62,11 @@ def ws_unsupported(dim: int, tail: int, block_h: int, block_i: int, kv_format: s
         return f"block_h must be 64 (one warpgroup's wgmma rows), got {block_h}"
     if block_i % WS_ROWS_PER_PASS:
         return f"block_i must be a multiple of {WS_ROWS_PER_PASS} (rows per producer pass), got {block_i}"
-    if kv_format == "fp8" and dim % (2 * FP8_GROUP):
-        return f"the FP8 rows' latent halves must hold whole {FP8_GROUP}-value scale groups, got {dim}"
+    if kv_format == "fp8" and dim != FP8_GROUPS * FP8_GROUP:
+        return (
+            f"the FP8 rows must hold {FP8_GROUPS} scale groups of {FP8_GROUP} values (FlashMLA's layout: "
+            f"kv_lora_rank {FP8_GROUPS * FP8_GROUP}), got {dim}"
+        )
     if kv_format not in ("half", "fp8"):
         return f"unknown KV row format {kv_format!r}"
     return ""

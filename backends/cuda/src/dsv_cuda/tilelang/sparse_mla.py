@@ -2,7 +2,8 @@
 
 Same arguments and result as :func:`dsv.ops.attention.sparse_mla`. The torch side here does what the
 kernels leave to their caller: argument checks, the choice of layout (the bf16/fp16 "float" one; FlashMLA's
-FP8 rows only for an explicit ``Tiles(variant="ws")``, see :func:`check_args`), the kernel variant
+FP8 rows on the "ws" kernel, for decode and explicit ``Tiles(variant="ws")``, see :func:`check_args` and
+:func:`sparse_mla_decode`), the kernel variant
 (:func:`choose_variant`), padding heads to the head block and the top-k list to the index block (-1 entries,
 masked in the kernel), the split-KV choice for small batches, and the merge of the splits (one launch of
 dsv's Triton merge kernel; :func:`merge_splits` states the same math in torch). Everything here except
@@ -16,6 +17,11 @@ Later "ws" figures (benchmarks/kernels.py --graphs, whose top-k lists end in 256
 docstring has the side-by-side comparison): B1 18.0 µs (simple), B16 34.7 µs, B64 67.7 µs, B128 136 µs.
 A "seesaw" schedule (the consumers computing the scores of alternate blocks, FlashMLA's) was slower than "ws"
 everywhere (B64 107 µs, prefill 416 TFLOPS) and was removed (commit 948bfd0 has it).
+
+FP8 cache (FlashMLA's 656-byte rows), decode, same shapes, 1/8 of the list -1, CUDA graph: "ws" B16 / B64 /
+B128 49.6 / 128.0 / 244.1 µs (184 / 285 / 299 TFLOPS) against dsv's Triton kernel's 75.0 / 217.4 / 407.7 µs
+in the same run, so the registered decode op runs FP8 rows on "ws"; the calls "auto" keeps off "ws" (splits
+of < 4 blocks: batch <= 8 at H = 128) and a non-bf16/fp16 read-back dtype go to the Triton kernel.
 """
 
 from __future__ import annotations
@@ -86,12 +92,12 @@ _INT32_ELEMENTS = 2**31 - 1
 
 def check_args(q: torch.Tensor, cache: MLACacheLayer, indices: torch.Tensor, fp8_ok: bool = False) -> None:
     """Refuse what the kernel does not do, with the reason and what would work instead. ``fp8_ok``: the
-    caller asked for the "ws" variant, whose producer can also dequantize FlashMLA's FP8 rows (experimental:
-    the registered decode / prefill ops keep the bf16 layout only)."""
+    caller can run the "ws" variant, whose producer also dequantizes FlashMLA's FP8 rows (decode, and an
+    explicit ``Tiles(variant="ws")``; the registered prefill op keeps the bf16 layout only)."""
     if cache.layout != "float" and not fp8_ok:
         raise KernelUnavailable(
-            "tilelang sparse MLA reads the bf16 KV layout only; this cache is FlashMLA's FP8 656-byte layout. "
-            "Use --kv-cache-dtype bf16, or the triton kernel (or flashmla_decode for decode) for the FP8 cache"
+            "tilelang sparse MLA reads FlashMLA's FP8 656-byte layout for decode only (its 'ws' variant); "
+            "for this call use --kv-cache-dtype bf16, or the triton (or flashmla_prefill) kernel"
         )
     # The FP8 layout's rows are bytes, dequantized to the cache's read-back dtype.
     kv_dtype = cache.dtype if cache.layout == "fp8" else cache.storage.dtype
@@ -130,6 +136,18 @@ def variant_unsupported(
     return ""
 
 
+def fp8_auto_unsupported(r: int, dr: int, block_h: int, block_i: int, blocks_per_split: int | None) -> str:
+    """Why "auto" cannot serve FlashMLA's FP8 rows here ("" when it runs them on "ws"): only the "ws" producer
+    dequantizes them, and "auto" runs "ws" on splits of at least :data:`WS_MIN_BLOCKS` blocks only (decode
+    at batch <= 8 and H = 128 gets 16 splits of 2 blocks; dsv's Triton kernel serves those)."""
+    why = ws_unsupported(r, dr, block_h, block_i, "fp8")
+    if why:
+        return why
+    if blocks_per_split is not None and blocks_per_split < WS_MIN_BLOCKS:
+        return f"the FP8 rows go through the 'ws' variant, which needs >= {WS_MIN_BLOCKS} blocks per split"
+    return ""
+
+
 #: "auto" runs the simple kernel when a split has fewer 64-row blocks than this: the warp-specialized kernel
 #: needs a few blocks to fill its two-buffer pipeline (H200, H = 128, top-k 2048, CUDA graph replay: decode B1
 #: = 16 splits of 2 blocks, simple 24 us vs ws 26 us; B16 = 4 splits of 8 blocks, simple 52 us vs ws 44 us).
@@ -142,7 +160,9 @@ def choose_variant(
     """The kernel for ``tiles.variant``. "auto" takes the first of :data:`AUTO_ORDER` that can run these
     widths and tiles, except that splits of fewer than :data:`WS_MIN_BLOCKS` blocks (``blocks_per_split``,
     when given) go to "simple" (a measured, shape-based choice between dsv kernels, not a fallback from a
-    failure). Asking for a variant where it cannot run raises :class:`KernelUnavailable` with the reason.
+    failure). FP8 rows (``kv_format == "fp8"``) only go to "ws": "auto" raises where it cannot take them
+    (:func:`fp8_auto_unsupported`). Asking for a variant where it cannot run raises
+    :class:`KernelUnavailable` with the reason.
 
     Every variant serves every split factor: each split is a contiguous range of the top-k list and the
     Part / Lse partials are the same. "ws" takes any number of 64-row blocks per split (its buffer index and
@@ -154,6 +174,11 @@ def choose_variant(
         if why:
             raise KernelUnavailable(f"tilelang sparse MLA variant {tiles.variant!r} cannot run here: {why}")
         return tiles.variant
+    if kv_format == "fp8":
+        why = fp8_auto_unsupported(r, dr, tiles.block_h, tiles.block_i, blocks_per_split)
+        if why:
+            raise KernelUnavailable(f"tilelang sparse MLA cannot read this FP8 cache here: {why}")
+        return "ws"
     if blocks_per_split is not None and blocks_per_split < WS_MIN_BLOCKS:
         return "simple"
     return next(v for v in AUTO_ORDER if not variant_unsupported(v, r, dr, tiles.block_h, tiles.block_i))
@@ -317,8 +342,8 @@ def sparse_mla(
 
     Args:
         q: [T, H, R + Dr] absorbed queries (cast to the KV dtype, as FA3 and FlashMLA take them).
-        cache: MLA cache in the "float" layout with bf16/fp16 rows (or, with ``tiles.variant == "ws"``
-            only, FlashMLA's FP8 layout read back as bf16/fp16: an experimental path, not yet measured).
+        cache: MLA cache in the "float" layout with bf16/fp16 rows, or FlashMLA's FP8 layout read back as
+            bf16/fp16 (the "ws" variant only: "auto" raises where it would not run "ws").
         indices: [T, K] int global slots, -1 = unused.
         sm_scale: softmax scale.
         splits: split-KV factor (None: chosen from the SM count; see :func:`plan`).
@@ -329,7 +354,7 @@ def sparse_mla(
     """
     tiles = tiles or DEFAULT_TILES
     kv_format = "fp8" if cache.layout == "fp8" else "half"
-    check_args(q, cache, indices, fp8_ok=tiles.variant == "ws")
+    check_args(q, cache, indices, fp8_ok=tiles.variant in ("ws", "auto"))
     t, h, _ = q.shape
     r = cache.kv_lora_rank
     if t == 0 or indices.shape[1] == 0:
@@ -357,15 +382,40 @@ def sparse_mla(
     return out[:, :h].to(q.dtype)
 
 
+def ws_reads_fp8(q: torch.Tensor, cache: MLACacheLayer, indices: torch.Tensor) -> bool:
+    """Whether the default tiles run this FP8-cache call on the "ws" kernel (the plan :func:`sparse_mla`
+    would make): a bf16/fp16 read-back dtype and splits of at least :data:`WS_MIN_BLOCKS` blocks."""
+    if cache.dtype not in HALF:
+        return False
+    t, h, _ = q.shape
+    if t == 0 or indices.shape[1] == 0:
+        return True  # zeros, no kernel
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    p = plan(t, h, indices.shape[1], _sm_count(index), None, BLOCK_I, BLOCK_H)
+    blocks = p.topk // (BLOCK_I * p.splits)
+    return not fp8_auto_unsupported(cache.kv_lora_rank, cache.rope_dim, BLOCK_H, BLOCK_I, blocks)
+
+
 def sparse_mla_decode(
     q: torch.Tensor, cache: MLACacheLayer, indices: torch.Tensor, sm_scale: float
 ) -> torch.Tensor:
-    """``sparse_mla_decode``: one (or a few, for speculative verify) query rows per sequence; split-KV on."""
+    """``sparse_mla_decode``: one (or a few, for speculative verify) query rows per sequence; split-KV on.
+
+    FlashMLA's FP8 cache goes to the "ws" kernel, whose producer dequantizes the rows (H200, H = 128, top-k
+    2048, CUDA graph: see the module docstring); the calls it does not take (splits of < 4 blocks: batch
+    <= 8 at H = 128) run dsv's Triton kernel, which reads the same rows."""
+    if cache.layout == "fp8" and q.is_cuda and not ws_reads_fp8(q, cache, indices):
+        from dsv.kernels.triton.sparse_mla import sparse_mla as triton_sparse_mla
+
+        return triton_sparse_mla(q, cache, indices, sm_scale)
     return sparse_mla(q, cache, indices, sm_scale)
 
 
 def sparse_mla_prefill(
     q: torch.Tensor, cache: MLACacheLayer, indices: torch.Tensor, sm_scale: float
 ) -> torch.Tensor:
-    """``sparse_mla_prefill``: the same math over many query rows (the plan picks no splits there)."""
+    """``sparse_mla_prefill``: the same math over many query rows (the plan picks no splits there). The
+    registered prefill op reads the bf16 layout only (the FP8 rows were not measured against the prefill
+    kernels)."""
+    check_args(q, cache, indices)
     return sparse_mla(q, cache, indices, sm_scale)

@@ -5,7 +5,7 @@ the way FlashMLA's sm90 sparse prefill kernel is: 384 threads in three warpgroup
 other except through shared-memory mbarriers.
 
 * Producer (warpgroup 2, 80 registers): reads the top-k indices of the next 64-row block and gathers those
-  KV rows with 16-byte ``cp.async`` copies into one of two shared buffers, split into the left and right
+  KV rows (bf16 rows; FP8 rows below) with 16-byte ``cp.async`` copies into one of two shared buffers, split into the left and right
   halves of the latent columns and the rope columns. A negative index zero-fills its row instead of reading
   memory and clears the row's bit in the validity mask. The copies arrive on the buffer's "full" barrier
   when they land (``cp.async.mbarrier.arrive.noinc``); a plain arrive after the mask stores publishes the
@@ -21,9 +21,26 @@ producer's own warpgroup keeps gathers in flight while both consumers compute. P
 consumer 0 writes the next block's P only after consumer 1 has read the previous one (the ``p_free``
 barrier), which costs nothing in practice because consumer 0 has the next QK^T product to compute in between.
 
-With ``kv_format == "fp8"`` (FlashMLA's 656-byte rows: 512 e4m3, 4 fp32 scales, 64 bf16) the producer loads
-the e4m3 bytes and their scales itself, stores bf16(value * scale) into the same bf16 buffers and copies only
-the rope part with cp.async; the consumers are unchanged. (Experimental: compiled, not yet run on a GPU.)
+With ``kv_format == "fp8"`` (FlashMLA's 656-byte rows: 512 e4m3, 4 fp32 scales, 64 bf16) the consumers are
+unchanged and the producer stages each block through the bf16 buffer it fills: the 512 e4m3 bytes of row j
+go by 16-byte cp.async into row j's own 512-byte footprint in ``kv_r`` (under the 128-byte swizzle a row's
+bytes stay inside its 128-byte rows of each 64-column atom), the rope part straight into ``kv_t``, the four
+scales into registers (a masked row's are 0). One cp.async group per 16-row pass; each lane then waits for
+its pass, reads back the 64 bytes it staged, ``__syncwarp()`` (a row's 8 lanes are one warp, and the row's
+bf16 values overwrite its staged bytes), and stores bf16(e4m3 * scale) into ``kv_l`` / ``kv_r`` with
+16-byte stores (the ``_FP8_PRELUDE`` helpers: e4m3x2 -> f16x2 in one ``cvt``, fp32 product, one bf16
+rounding, as dsv.ops.quant unpacks). Smem stays at 224 KB. The gathers are asynchronous, so the latency
+that made the earlier synchronous-load producer 109 TFLOPS now overlaps with the pass-by-pass dequant.
+
+Measured on an H200 (H = 128, top-k 2048, 1/8 of the list -1, CUDA graph replay): decode B16 / B64 / B128
+49.6 / 128.0 / 244.1 µs (184 / 285 / 299 TFLOPS), dsv's Triton kernel on the same rows 75.0 / 217.4 /
+407.7 µs; the bf16 program in the same run B64 83.4 µs. Still producer-bound: a block's gather latency plus
+its dequantization (~4 µs a block) exceed the consumers' ~2.6 µs. Errors within 0.67 of the check's
+tolerance (backends/cuda/scripts/tilelang_check.py --fp8-only).
+
+TileLang's ``T.ptx_wait_group`` is not used: the barrier TileLang puts after it got consumer 0's named
+barrier id (3) in the producer's branch, and the two warpgroups meeting on one named barrier deadlocked
+decode B16 / B64 (the wait is inside the helper instead; TileLang's own syncs there use the producer's id 5).
 
 Three build-time switches at the top of this module take work off consumer 0's critical path. Measured on
 the H200 side by side in one run (CUDA-graph medians, the kernels.py cases: top-k 2048 whose last 256 entries
@@ -48,6 +65,7 @@ from typing import Any
 import tilelang.language as T
 
 from dsv_cuda.tilelang.kernel_key import FP8_GROUP as _FP8_GROUP
+from dsv_cuda.tilelang.kernel_key import FP8_GROUPS as _FP8_GROUPS
 from dsv_cuda.tilelang.kernel_key import WS_LANES_PER_ROW as _LANES_PER_ROW
 from dsv_cuda.tilelang.kernel_key import WS_ROWS_PER_PASS as _ROWS_PER_PASS
 from dsv_cuda.tilelang.kernel_key import WS_VEC as _VEC
@@ -56,6 +74,8 @@ from dsv_cuda.tilelang.sparse_mla_kernel import _LOG2E, _NEG_INIT, _dynamic
 
 #: e4m3 values each producer lane dequantizes per scale group (8 lanes x 16 = one 128-value group).
 _FP8_CHUNK = _FP8_GROUP // _LANES_PER_ROW
+#: bf16 columns of kv_r a row's staged group of e4m3 bytes occupies (128 bytes = 64 bf16).
+_FP8_SLOT = _FP8_GROUP // 2
 #: Threads per block: two consumer warpgroups and one producer warpgroup.
 THREADS = 384
 #: Registers per thread of each warpgroup after ``setmaxnreg`` (multiples of 8; 2 * 240 + 168 would exceed
@@ -121,6 +141,58 @@ def _exp2(x: Any) -> Any:
     return T.call_extern("float32", "dsv_ex2", x) if FAST_EXP2 else T.exp2(x)
 
 
+#: CUDA helpers of the FP8 producer (TileLang's ``prelude``: inlined device functions). One call waits for the
+#: lane's cp.async group of the pass (``pending`` later groups may still be in flight), then dequantizes the
+#: lane's four staged 16-byte pieces of one row (16 e4m3 values of each scale group): it reads all four
+#: into registers first, then ``__syncwarp()``: the row's 8 lanes share one warp, and their bf16 results
+#: overwrite the staged bytes of the whole row. e4m3x2 -> f16x2 is one ``cvt`` on sm_89+, exact; the
+#: product with the scale is taken in fp32 and rounded once to bf16, as dsv.ops.quant's unpacking does.
+_FP8_PRELUDE = r"""
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+__device__ __forceinline__ unsigned dsv_e4m3x2_bf16x2(unsigned pair, float s) {
+  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair & 0xffffu), __NV_E4M3);
+  float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
+  __nv_bfloat162 r = __floats2bfloat162_rn(f.x * s, f.y * s);
+  return *reinterpret_cast<unsigned*>(&r);
+}
+__device__ __forceinline__ uint4 dsv_e4m3x8_bf16x8(unsigned lo, unsigned hi, float s) {
+  return make_uint4(dsv_e4m3x2_bf16x2(lo, s), dsv_e4m3x2_bf16x2(lo >> 16, s),
+                    dsv_e4m3x2_bf16x2(hi, s), dsv_e4m3x2_bf16x2(hi >> 16, s));
+}
+__device__ __forceinline__ void dsv_cp_async_wait(int pending) {
+  // Constant after inlining: cp.async.wait_group takes an immediate.
+  switch (pending) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+  }
+}
+__device__ __forceinline__ void dsv_fp8_dequant_row_piece(
+    int pending, const void* s0, const void* s1, const void* s2, const void* s3,
+    void* d0, void* d1, void* d2, void* d3, void* d4, void* d5, void* d6, void* d7,
+    float k0, float k1, float k2, float k3) {
+  dsv_cp_async_wait(pending);  // this lane's copies of the pass have landed
+  const uint4 a0 = *static_cast<const uint4*>(s0);
+  const uint4 a1 = *static_cast<const uint4*>(s1);
+  const uint4 a2 = *static_cast<const uint4*>(s2);
+  const uint4 a3 = *static_cast<const uint4*>(s3);
+  __syncwarp();
+  *static_cast<uint4*>(d0) = dsv_e4m3x8_bf16x8(a0.x, a0.y, k0);
+  *static_cast<uint4*>(d1) = dsv_e4m3x8_bf16x8(a0.z, a0.w, k0);
+  *static_cast<uint4*>(d2) = dsv_e4m3x8_bf16x8(a1.x, a1.y, k1);
+  *static_cast<uint4*>(d3) = dsv_e4m3x8_bf16x8(a1.z, a1.w, k1);
+  *static_cast<uint4*>(d4) = dsv_e4m3x8_bf16x8(a2.x, a2.y, k2);
+  *static_cast<uint4*>(d5) = dsv_e4m3x8_bf16x8(a2.z, a2.w, k2);
+  *static_cast<uint4*>(d6) = dsv_e4m3x8_bf16x8(a3.x, a3.y, k3);
+  *static_cast<uint4*>(d7) = dsv_e4m3x8_bf16x8(a3.z, a3.w, k3);
+}
+"""
+
+
 def build_program(key: KernelKey) -> Any:
     """The warp-specialized ``T.prim_func`` for ``key`` (same arguments as the simple program).
 
@@ -169,7 +241,8 @@ def build_program(key: KernelKey) -> Any:
             # The same 656-byte rows seen as fp32 (the scales) and as bf16 (the rope part).
             KVs = T.view(KV, (slots, kv_cols // 4), acc)
             KVr = T.view(KV, (slots, kv_cols // 2), dtype)
-        with T.Kernel(tokens * rep, S, threads=THREADS, prelude=_PRELUDE) as (bx, by):
+        prelude = (_FP8_PRELUDE if fp8 else "") + _PRELUDE
+        with T.Kernel(tokens * rep, S, threads=THREADS, prelude=prelude) as (bx, by):
             # 64 + 8 KB of queries, 2 x (64 + 8) KB of KV, 8 KB of P: 224 KB of the 227 KB an sm_90 block
             # may have. The output goes out through the query buffers (each consumer its own half).
             q_l = T.alloc_shared((BH, D2), dtype)
@@ -201,6 +274,8 @@ def build_program(key: KernelKey) -> Any:
             rows = T.alloc_local((passes,), "int32")
             live = T.alloc_local((1,), "int32")  # blocks this split runs: up to its last live one
             least = T.alloc_local((1,), acc)  # the smallest rescale factor of this thread's rows
+            if fp8:
+                scl = T.alloc_local((passes * _FP8_GROUPS,), acc)  # each pass's row scales
 
             # q_ready: both consumers' shares of the query copy. full: cp.async arrivals (noinc) plus the
             # producer's plain arrive after the mask. free: both consumers done with a buffer.
@@ -387,23 +462,22 @@ def build_program(key: KernelKey) -> Any:
                         else:
                             src = T.max(rows[p], 0)
                         if fp8:
-                            # FlashMLA's FP8 rows: each lane dequantizes 16 e4m3 values of each 128-value
-                            # scale group, bf16(fp8 * scale) as the torch unpacking rounds them, and stores
-                            # them itself (masked rows as zeros); only the bf16 rope part goes by cp.async.
-                            for u in T.unroll(groups_half):
-                                col = u * _FP8_GROUP + c16
-                                s_l = KVs[src, scale_col + u]
-                                s_r = KVs[src, scale_col + groups_half + u]
-                                for v in T.vectorized(_FP8_CHUNK):
-                                    kv_l[b, j, col + v] = T.if_then_else(
-                                        rows[p] >= 0, T.cast(T.cast(KV[src, col + v], acc) * s_l, dtype), 0
-                                    )
-                                for v in T.vectorized(_FP8_CHUNK):
-                                    kv_r[b, j, col + v] = T.if_then_else(
-                                        rows[p] >= 0,
-                                        T.cast(T.cast(KV[src, D2 + col + v], acc) * s_r, dtype),
-                                        0,
-                                    )
+                            # FlashMLA's FP8 rows: the raw e4m3 bytes go by cp.async into this row's own
+                            # footprint of kv_r[b] (lane l's 16 bytes of scale group g at bf16 columns
+                            # g * 64 + 8 l), dequantized in place below; the four scales go to registers and
+                            # the rope part straight to kv_t. A masked row's copies zero-fill, its scales are 0.
+                            for g in T.unroll(_FP8_GROUPS):
+                                T.ptx_cp_async(
+                                    T.access_ptr(kv_r[b, j, g * _FP8_SLOT + c0], "w", _VEC),
+                                    # KVr: the same bytes in bf16 units (cp.async sizes both sides alike).
+                                    T.access_ptr(KVr[src, g * _FP8_SLOT + c0], "r", _VEC),
+                                    _VEC,
+                                    predicate=rows[p] >= 0,
+                                )
+                            for v in T.vectorized(_FP8_GROUPS):
+                                scl[p * _FP8_GROUPS + v] = T.if_then_else(
+                                    rows[p] >= 0, KVs[src, scale_col + v], 0
+                                )
                             for u in T.unroll(tail_chunks):
                                 col = u * (_LANES_PER_ROW * _VEC) + c0
                                 T.ptx_cp_async(
@@ -412,6 +486,9 @@ def build_program(key: KernelKey) -> Any:
                                     _VEC,
                                     predicate=rows[p] >= 0,
                                 )
+                            # One cp.async group per pass: the dequantization of pass p waits for its own
+                            # group only, while the later passes' bytes are still on their way.
+                            T.ptx_commit_group()
                         else:
                             for u in T.unroll(chunks):
                                 col = u * (_LANES_PER_ROW * _VEC) + c0
@@ -436,6 +513,34 @@ def build_program(key: KernelKey) -> Any:
                                     predicate=rows[p] >= 0,
                                 )
                     if fp8:
+                        # Unrolled in the IR: cp.async.wait_group takes a constant.
+                        for p in T.unroll(passes, explicit=True):
+                            j = p * _ROWS_PER_PASS + r0
+                            # The wait is the helper's (T.ptx_wait_group would be followed by a barrier
+                            # TileLang names with consumer 0's id: mixed with its warps, it deadlocked).
+                            # Each lane reads back the 64 bytes it staged, the row's 8 lanes (one warp)
+                            # sync, then each writes its 64 bf16 values over the row's staged bytes.
+                            T.call_extern(
+                                "handle",
+                                "dsv_fp8_dequant_row_piece",
+                                passes - 1 - p,
+                                *[
+                                    T.access_ptr(kv_r[b, j, g * _FP8_SLOT + c0], "r", _VEC)
+                                    for g in range(_FP8_GROUPS)
+                                ],
+                                *[
+                                    T.access_ptr(
+                                        (kv_l if g < groups_half else kv_r)[
+                                            b, j, (g % groups_half) * _FP8_GROUP + c16 + h * _VEC
+                                        ],
+                                        "w",
+                                        _VEC,
+                                    )
+                                    for g in range(_FP8_GROUPS)
+                                    for h in range(2)
+                                ],
+                                *[scl[p * _FP8_GROUPS + g] for g in range(_FP8_GROUPS)],
+                            )
                         # The dequantized stores are generic-proxy writes read by wgmma (async proxy).
                         T.fence_proxy_async()
                     T.cp_async_barrier_noinc(full[b])
