@@ -145,7 +145,8 @@ def test_kv_pool_sizing_summary_and_mtp_caches(capsys):
     assert len(engine.pool.layers) == model.cfg.num_hidden_layers + 1  # the MTP layer's caches
     assert engine.pool.capacity_tokens == 64 and engine.max_model_len == 64
     line = capsys.readouterr().err
-    # kv_lora_rank 128 + rope 8 in fp32, and 16 fp8 indexer bytes + one fp32 scale, over 4 layers
-    assert "64 tokens (16 pages of 4)" in line and f"{4 * ((128 + 8) * 4 + 16 + 4)} bytes/token" in line
+    # kv_lora_rank 128 + rope 8 in fp32, and 16 fp8 indexer bytes + one fp32 scale + the 16 bf16 values of
+    # the CPU's read copy, over 4 layers
+    assert "64 tokens (16 pages of 4)" in line and f"{4 * ((128 + 8) * 4 + 16 + 4 + 32)} bytes/token" in line
     fp8 = make_engine(page_size=1, max_total_tokens=8, kv_cache_dtype="fp8_e4m3")
     assert fp8.pool.layers[0].mla.bytes_per_token == 128 + 4 + 2 * 8  # FlashMLA layout: 656 B at full size

@@ -21,11 +21,14 @@ class CacheSpec:
 
     kv_cache_dtype: "auto" (model dtype), "bf16", or "fp8_e4m3" (FlashMLA's 656-byte layout).
     indexer_quant: "fp8" (e4m3 keys + one ue8m0 fp32 scale per token, as DeepSeek) or "none".
+    index_read_copy: keep a bf16 copy of the FP8 indexer keys for the reads (the CPU engine's choice: see
+    :class:`~dsv.ops.kv_cache.IndexKCacheLayer`).
     """
 
     page_size: int = 64
     kv_cache_dtype: str = "auto"
     indexer_quant: str = "fp8"
+    index_read_copy: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_DTYPES:
@@ -66,7 +69,13 @@ class KVPool:
                     device,
                 ),
                 IndexKCacheLayer(
-                    num_pages, spec.page_size, cfg.index_head_dim, spec.indexer_quant == "fp8", dtype, device
+                    num_pages,
+                    spec.page_size,
+                    cfg.index_head_dim,
+                    spec.indexer_quant == "fp8",
+                    dtype,
+                    device,
+                    read_copy=spec.index_read_copy,
                 ),
             )
             for _ in range(n_layers)

@@ -89,7 +89,13 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         cfg = model.cfg
-        self.spec = CacheSpec(config.page_size, config.kv_cache_dtype, config.indexer_quant)
+        # CPU: FP8 indexer keys also kept in bf16, so that each decode step's reads need not widen them.
+        self.spec = CacheSpec(
+            config.page_size,
+            config.kv_cache_dtype,
+            config.indexer_quant,
+            index_read_copy=self.device.type == "cpu" and config.indexer_quant == "fp8",
+        )
         limit = min(cfg.max_position_embeddings, config.max_model_len or cfg.max_position_embeddings)
         num_pages = plan_num_pages(
             cfg,
@@ -353,7 +359,8 @@ class LLMEngine:
         return (
             f"KV cache: {self.pool.capacity_tokens} tokens ({self.pool.num_pages - 1} pages of "
             f"{self.spec.page_size}), {per_token} bytes/token = {n} layers x (MLA {mla} "
-            f"[{self.spec.kv_cache_dtype}] + indexer {idx} [{self.spec.indexer_quant}]), "
+            f"[{self.spec.kv_cache_dtype}] + indexer {idx} [{self.spec.indexer_quant}"
+            f"{' + bf16 read copy' if self.spec.index_read_copy else ''}]), "
             f"{total / 2**30:.3f} GiB; prefix cache {'on' if self.config.enable_prefix_caching else 'off'}"
         )
 

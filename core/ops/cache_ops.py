@@ -40,15 +40,23 @@ def _(storage: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 def write_index_keys(
-    keys: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, page_size: int
+    keys: torch.Tensor,
+    scales: torch.Tensor,
+    copy: torch.Tensor | None,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    page_size: int,
 ) -> None:
-    """Quantize keys [T, D] (ue8m0 e4m3, one scale per token) into the paged ``keys`` / ``scales`` at ``slots``
-    (the quantized indexer cache's write, eager or inside :func:`index_keys_write`)."""
+    """Quantize keys [T, D] (ue8m0 e4m3, one scale per token) into the paged ``keys`` / ``scales`` at ``slots``,
+    and their dequantized values into the bf16 read ``copy`` when there is one (the quantized indexer cache's
+    write, eager or inside :func:`index_keys_write`)."""
     q, s = act_quant(k, keys.shape[-1], "ue8m0")
     slots = slots.long()
     page, off = slots // page_size, slots % page_size
     keys[page, off] = q
     scales[page, off] = s[:, 0]
+    if copy is not None:
+        copy[page, off] = act_dequant(q, s, keys.shape[-1]).to(copy.dtype)
 
 
 def gather_sequences(
@@ -66,24 +74,43 @@ def gather_sequences(
     return act_dequant(rows, row_scales.unsqueeze(-1), head_dim)
 
 
-@torch.library.custom_op("dsv::index_keys_write", mutates_args=("storage",))
+@torch.library.custom_op("dsv::index_keys_write", mutates_args=("storage", "copy"))
 def index_keys_write(
-    storage: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, page_size: int, head_dim: int
+    storage: torch.Tensor,
+    copy: torch.Tensor | None,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    page_size: int,
+    head_dim: int,
 ) -> None:
-    """:func:`write_index_keys` into a quantized indexer storage (uint8 pages of keys then scales)."""
-    write_index_keys(*index_views(storage, page_size, head_dim), slots, k, page_size)
+    """:func:`write_index_keys` into a quantized indexer storage (uint8 pages of keys then scales) and its
+    read copy."""
+    write_index_keys(*index_views(storage, page_size, head_dim), copy, slots, k, page_size)
 
 
-@torch.library.custom_op("dsv::index_keys_read", mutates_args=())
-def index_keys_read(
-    storage: torch.Tensor, block_table: torch.Tensor, length: int, page_size: int, head_dim: int
+@torch.library.custom_op("dsv::pages_read", mutates_args=())
+def pages_read(
+    pages: torch.Tensor,
+    block_table: torch.Tensor,
+    length: int,
+    page_size: int,
+    head_dim: int,
+    quantized: bool,
 ) -> torch.Tensor:
-    """:func:`gather_sequences` of a quantized indexer storage."""
-    return gather_sequences(*index_views(storage, page_size, head_dim), block_table, length)
+    """:func:`gather_sequences` of indexer keys: a quantized storage (uint8 pages of keys then scales) when
+    ``quantized``, else float pages [num_pages, page_size, head_dim] (a float cache or a read copy)."""
+    if quantized:
+        return gather_sequences(*index_views(pages, page_size, head_dim), block_table, length)
+    return gather_sequences(pages, None, block_table, length)
 
 
-@index_keys_read.register_fake
+@pages_read.register_fake
 def _(
-    storage: torch.Tensor, block_table: torch.Tensor, length: int, page_size: int, head_dim: int
+    pages: torch.Tensor,
+    block_table: torch.Tensor,
+    length: int,
+    page_size: int,
+    head_dim: int,
+    quantized: bool,
 ) -> torch.Tensor:
-    return storage.new_empty(block_table.shape[0], length, head_dim, dtype=torch.float32)
+    return pages.new_empty(block_table.shape[0], length, head_dim, dtype=torch.float32)

@@ -84,6 +84,13 @@ class IndexKCacheLayer:
     With ``quantized=True`` each page is laid out as SGLang/DeepGEMM expect: ``page_size * D`` e4m3 key bytes
     followed by ``page_size`` fp32 scales (power-of-two, ue8m0), 132 bytes per token for D = 128.
     Otherwise keys are kept unquantized in ``dtype`` (``--indexer-quant none``).
+
+    ``read_copy`` (quantized caches only; the CPU engine turns it on) also keeps every key dequantized in
+    bf16, written with the FP8 bytes, and the reads gather that copy instead of widening e4m3 bytes and
+    multiplying by scales on every read (most of a CPU decode step's indexer time). The copy holds the same
+    values: an e4m3 value (at most 4 significant bits) times a power-of-two scale is exact in bf16 (8 bits,
+    fp32's exponent range) down to bf16's subnormals, i.e. for every key whose scale is above 2^-117.
+    It costs 2 D bytes per token more (the reported bytes per token include it).
     """
 
     def __init__(
@@ -94,6 +101,7 @@ class IndexKCacheLayer:
         quantized: bool,
         dtype: torch.dtype,
         device: torch.device | str,
+        read_copy: bool = False,
     ) -> None:
         self.head_dim = head_dim
         self.quantized = quantized
@@ -104,14 +112,20 @@ class IndexKCacheLayer:
                 num_pages, page_size * (head_dim + 4), dtype=torch.uint8, device=device
             )
             self.keys, self.scales = cache_ops.index_views(self.storage, page_size, head_dim)
+            self.copy: torch.Tensor | None = None
+            if read_copy:
+                self.copy = torch.zeros(num_pages, page_size, head_dim, dtype=torch.bfloat16, device=device)
         else:
             self.storage = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=device)
             self.keys = self.storage
             self.scales = None
+            self.copy = None
 
     @property
     def bytes_per_token(self) -> int:
-        return (self.head_dim + 4) if self.quantized else self.head_dim * self.storage.element_size()
+        if not self.quantized:
+            return self.head_dim * self.storage.element_size()
+        return self.head_dim + 4 + (0 if self.copy is None else 2 * self.head_dim)
 
     def _page_offset(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         slots = slots.long()
@@ -119,11 +133,14 @@ class IndexKCacheLayer:
 
     def write(self, slots: torch.Tensor, k: torch.Tensor) -> None:
         """Store keys [T, D] (already rotated) at global ``slots`` [T], quantizing when the cache is FP8."""
-        if self.quantized and torch.compiler.is_compiling():  # see dsv.ops.cache_ops
-            cache_ops.index_keys_write(self.storage, slots, k, self.page_size, self.head_dim)
+        if torch.compiler.is_compiling():  # in-place custom ops, see dsv.ops.cache_ops
+            if self.quantized:
+                cache_ops.index_keys_write(self.storage, self.copy, slots, k, self.page_size, self.head_dim)
+            else:
+                cache_ops.rows_write(self.storage, slots, k.to(self.dtype))
             return
         if self.quantized:
-            cache_ops.write_index_keys(self.keys, self.scales, slots, k, self.page_size)
+            cache_ops.write_index_keys(self.keys, self.scales, self.copy, slots, k, self.page_size)
         else:
             page, off = self._page_offset(slots)
             self.keys[page, off] = k.to(self.dtype)
@@ -131,9 +148,9 @@ class IndexKCacheLayer:
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         """Dequantized keys [..., D] in fp32 at global ``slots`` (any shape)."""
         page, off = self._page_offset(slots)
-        if self.quantized:
+        if self.quantized and self.copy is None:
             return act_dequant(self.keys[page, off], self.scales[page, off].unsqueeze(-1), self.head_dim)
-        return self.keys[page, off].float()
+        return (self.keys if self.copy is None else self.copy)[page, off].float()
 
     def read_sequences(self, block_table: torch.Tensor, length: int) -> torch.Tensor:
         """Dequantized keys [B, length, D] fp32 of positions 0..length-1 of every sequence of ``block_table``.
@@ -141,6 +158,10 @@ class IndexKCacheLayer:
         The same values as :meth:`read` of the sequences' slots, gathered a page at a time (a page's keys
         are contiguous), which is much cheaper than one index per token.
         """
-        if self.quantized and torch.compiler.is_compiling():
-            return cache_ops.index_keys_read(self.storage, block_table, length, self.page_size, self.head_dim)
-        return cache_ops.gather_sequences(self.keys, self.scales, block_table, length)
+        quantized = self.quantized and self.copy is None
+        pages = self.storage if quantized else (self.keys if self.copy is None else self.copy)
+        if torch.compiler.is_compiling():
+            return cache_ops.pages_read(pages, block_table, length, self.page_size, self.head_dim, quantized)
+        if quantized:
+            return cache_ops.gather_sequences(self.keys, self.scales, block_table, length)
+        return cache_ops.gather_sequences(pages, None, block_table, length)
