@@ -520,21 +520,18 @@ def build_program(key: KernelKey) -> Any:
                             # TileLang names with consumer 0's id: mixed with its warps, it deadlocked).
                             # Each lane reads back the 64 bytes it staged, the row's 8 lanes (one warp)
                             # sync, then each writes its 64 bf16 values over the row's staged bytes.
+                            # T.address_of, not T.access_ptr: TileLang then puts no producer-wide barrier
+                            # before every pass (the hazards are within a warp, which the helper syncs).
                             T.call_extern(
                                 "handle",
                                 "dsv_fp8_dequant_row_piece",
                                 passes - 1 - p,
+                                *[T.address_of(kv_r[b, j, g * _FP8_SLOT + c0]) for g in range(_FP8_GROUPS)],
                                 *[
-                                    T.access_ptr(kv_r[b, j, g * _FP8_SLOT + c0], "r", _VEC)
-                                    for g in range(_FP8_GROUPS)
-                                ],
-                                *[
-                                    T.access_ptr(
+                                    T.address_of(
                                         (kv_l if g < groups_half else kv_r)[
                                             b, j, (g % groups_half) * _FP8_GROUP + c16 + h * _VEC
-                                        ],
-                                        "w",
-                                        _VEC,
+                                        ]
                                     )
                                     for g in range(_FP8_GROUPS)
                                     for h in range(2)
