@@ -23,7 +23,7 @@ def test_compiled_decode_is_one_graph_and_gives_the_eager_tokens():
     torch._dynamo.reset()
     counters.clear()
     engine = make_engine(model, enable_torch_compile=True)
-    assert "torch.compile" in engine.decode_runner.describe()
+    assert "torch.compile" in engine.decode_runner.describe() and engine.decode_runner.whole_graph
     assert tokens(run_all(engine, prompts, PARAMS)) == eager
     assert engine.runner.steps["decode_runner"] >= PARAMS.max_tokens - 1
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
@@ -37,3 +37,11 @@ def test_compile_is_refused_next_to_decode_graphs(monkeypatch):
     monkeypatch.setattr(llm_engine, "build_decode_runner", lambda *a, **k: object())
     with pytest.raises(ValueError, match="--disable-cuda-graph to compile instead"):
         make_engine(enable_torch_compile=True)
+
+
+def test_models_with_graph_breaks_keep_the_module_guards():
+    """bf16 experts run the reference MoE (a graph break): the compiled forward then keeps dynamo's guards on
+    the modules, which tell one layer's resume function from the next one's, and is not compiled whole."""
+    model = random_tiny_model(tiny_config(fp8=False), dtype=torch.bfloat16, seed=3)
+    engine = make_engine(model, enable_torch_compile=True)
+    assert not engine.decode_runner.whole_graph

@@ -55,16 +55,15 @@ class CompiledDecode:
         prepared = _prepare(model)
         # emulate_precision_casts: round at every bf16 cast as eager does (fused kernels otherwise keep fp32
         # intermediates, and the indexer's top-k turns such differences into other keys within a few steps).
-        # guard_filter_fn: no guards on the model's modules and parameters (fixed once the engine starts; the
-        # dequantized copies above are made before compiling). Checking them was ~0.5 ms of each step.
-        self._forward = torch.compile(
-            model.forward,
-            dynamic=True,
-            options={
-                "emulate_precision_casts": True,
-                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-            },
-        )
+        options: dict[str, object] = {"emulate_precision_casts": True}
+        self.whole_graph = _whole_graph(model)
+        if self.whole_graph:
+            # One frame, one model: no guards on its modules and parameters (fixed once the engine starts;
+            # the copies above are made before compiling), which were ~0.25 ms of each step's guard checks.
+            # Only with fullgraph: after a graph break, dynamo's resume functions run inside one layer and
+            # are reused for the next one, which only those guards tell apart.
+            options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+        self._forward = torch.compile(model.forward, dynamic=True, fullgraph=self.whole_graph, options=options)
         self._note = (
             f"torch.compile decode forward (inductor, dynamic shapes; {prepared} FP8 weights dequantized)"
         )
@@ -74,6 +73,18 @@ class CompiledDecode:
 
     def describe(self) -> str:
         return self._note
+
+
+def _whole_graph(model: DeepseekV32ForCausalLM) -> bool:
+    """Whether the forward traces as one graph: every routed-expert layer runs the dense form (FP8 experts
+    whose dequantized copies :func:`_prepare` made, few enough experts); the reference MoE needs the routed
+    counts on the host, a graph break."""
+    per_token = model.cfg.num_experts_per_tok
+    return all(
+        hasattr(m.w1, DENSE_WEIGHTS) and m.w1.shape[0] <= DENSE_EXPERTS_PER_TOP_K * per_token
+        for m in model.modules()
+        if isinstance(m, Experts)
+    )
 
 
 def _prepare(model: DeepseekV32ForCausalLM) -> int:
