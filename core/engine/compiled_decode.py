@@ -63,7 +63,9 @@ class CompiledDecode:
             # Only with fullgraph: after a graph break, dynamo's resume functions run inside one layer and
             # are reused for the next one, which only those guards tell apart.
             options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-        self._forward = torch.compile(model.forward, dynamic=True, fullgraph=self.whole_graph, options=options)
+        self._forward = torch.compile(
+            model.forward, dynamic=True, fullgraph=self.whole_graph, options=options
+        )
         self._note = (
             f"torch.compile decode forward (inductor, dynamic shapes; {prepared} FP8 weights dequantized)"
         )

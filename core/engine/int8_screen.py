@@ -84,9 +84,12 @@ class Int8Screen:
             q[start : start + rows_per_pass] = qw.to(torch.int8)
             resid = max(resid, float((w - qw * scale).norm(dim=1).max()))
             norm = max(norm, float(w.norm(dim=1).max()))
-        if not _int8_runs(weight, q) or (check_speed and not _int8_is_faster(weight, q)):
+        if not _int8_runs(weight, q):
             return None
-        return cls(weight, q.t(), scale, resid, norm, amax, math.gcd(weight.shape[0], 128), _prepack(q))
+        packed = _prepack(q)
+        if check_speed and not _int8_is_faster(weight, q, packed is not None):
+            return None
+        return cls(weight, q.t(), scale, resid, norm, amax, math.gcd(weight.shape[0], 128), packed)
 
     def int_dots(self, hq: torch.Tensor) -> torch.Tensor:
         """The exact integer dot products [n, vocab] of int8 rows ``hq`` with every int8 weight row: through
@@ -144,11 +147,18 @@ class Int8Screen:
         return hit_rows[pair], cols[pair, lane]
 
 
-def _int8_is_faster(weight: torch.Tensor, q: torch.Tensor, rows: int = 8192, tries: int = 3) -> bool:
-    """Whether ``torch._int_mm`` beats the weight's own GEMM on a slice of the head, on this machine."""
+def _int8_is_faster(
+    weight: torch.Tensor, q: torch.Tensor, packed: bool, rows: int = 8192, tries: int = 3
+) -> bool:
+    """Whether the int8 GEMM the screen would run (oneDNN's prepacked one when ``packed``, else
+    ``torch._int_mm``) beats the weight's own GEMM on a slice of the head, on this machine."""
     k = weight.shape[1]
-    w, wq = weight[:rows], q[:rows].t()
+    w, wq = weight[:rows], q[:rows]
     h, hq = torch.zeros(8, k, dtype=weight.dtype), torch.zeros(8, k, dtype=torch.int8)
+    part = _prepack(wq) if packed else None
+
+    def int8() -> torch.Tensor:
+        return torch._int_mm(hq, wq.t()) if part is None else _packed_dots(hq, part)
 
     def best(fn) -> float:
         times = []
@@ -158,9 +168,9 @@ def _int8_is_faster(weight: torch.Tensor, q: torch.Tensor, rows: int = 8192, tri
             times.append(time.perf_counter() - start)
         return min(times)
 
-    torch._int_mm(hq, wq)  # warm-up
+    int8()  # warm-up
     torch.nn.functional.linear(h, w)
-    return best(lambda: torch._int_mm(hq, wq)) < best(lambda: torch.nn.functional.linear(h, w))
+    return best(int8) < best(lambda: torch.nn.functional.linear(h, w))
 
 
 def _prepack(q: torch.Tensor) -> PackedInt8 | None:
