@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call on the lent H200 for issue #7's figures: installs TileLang and dsv (no network there: the
-# wheels are carried in .whl/tilelang and .whl/base; z3-solver must already be in /tmp/z3site from an earlier
-# call of the same lease, see docs/benchmarks.md), then runs the steps in $STEPS (default all) with results in $OUT:
+# One device call on the lent H200 for issue #7's figures: installs TileLang and dsv (no network there: carry
+# .whl/tlz3.tar.xz from benchmarks/pack_tilelang.sh and .whl/base, one call; or .whl/tilelang and .whl/base with
+# z3-solver already in /tmp/z3site from an earlier call of the same lease, see docs/benchmarks.md), then runs the steps in $STEPS (default all) with results in $OUT:
 #   kernels  benchmarks/kernels.py (every family, JSON)        slice  slice_v32.py at 128K x B32, DSA vs dense
 #   ncu      Nsight Compute on the target kernels (CSV)         indexer  kernels.py --only indexer
 #   moe      the Triton fused-MoE tile sweep at 32K / 65K routed rows
@@ -19,7 +19,12 @@ if [ -n "${PACK:-}" ]; then OUT=/tmp/res; mkdir -p "$OUT"; fi
 pack() { if [ -n "${PACK:-}" ]; then tar czf "$FINAL_OUT/all.tgz.tmp" -C "$OUT" . && mv "$FINAL_OUT/all.tgz.tmp" "$FINAL_OUT/all.tgz"; fi; }
 export PYTHONUNBUFFERED=1 DSV_CACHE_DIR=/tmp/dsvc HF_HUB_OFFLINE=1
 export LD_LIBRARY_PATH=/tmp/z3site/z3/lib:${LD_LIBRARY_PATH:-}
-pip install -q --no-index --no-deps --no-compile --target /tmp/tl .whl/tilelang/*.whl > "$OUT/install.txt" 2>&1
+if [ -f .whl/tlz3.tar.xz ]; then
+  # benchmarks/pack_tilelang.sh's archive: TileLang and z3 already installed, one call on a cold machine.
+  tar -xJf .whl/tlz3.tar.xz -C /tmp > "$OUT/install.txt" 2>&1
+else
+  pip install -q --no-index --no-deps --no-compile --target /tmp/tl .whl/tilelang/*.whl > "$OUT/install.txt" 2>&1
+fi
 pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/base/*.whl >> "$OUT/install.txt" 2>&1
 export PYTHONPATH=/tmp/tl:/tmp/site:/tmp/z3site
 python3 -m pip install -q --no-deps --no-build-isolation -e . -e backends/cuda >> "$OUT/install.txt" 2>&1
