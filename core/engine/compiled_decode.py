@@ -81,12 +81,7 @@ def _whole_graph(model: DeepseekV32ForCausalLM) -> bool:
     """Whether the forward traces as one graph: every routed-expert layer runs the dense form (FP8 experts
     whose dequantized copies :func:`_prepare` made, few enough experts); the reference MoE needs the routed
     counts on the host, a graph break."""
-    per_token = model.cfg.num_experts_per_tok
-    return all(
-        hasattr(m.w1, DENSE_WEIGHTS) and m.w1.shape[0] <= DENSE_EXPERTS_PER_TOP_K * per_token
-        for m in model.modules()
-        if isinstance(m, Experts)
-    )
+    return all(hasattr(m.w1, DENSE_WEIGHTS) for m in model.modules() if isinstance(m, Experts))
 
 
 def _prepare(model: DeepseekV32ForCausalLM) -> int:
@@ -106,7 +101,8 @@ def _prepare(model: DeepseekV32ForCausalLM) -> int:
                 if deq is not None:
                     setattr(w, DEQUANTIZED, deq)
                     count += 1
-            if all(hasattr(getattr(module, n), DEQUANTIZED) for n in ("w1", "w3", "w2")):
+            dense = module.w1.shape[0] <= DENSE_EXPERTS_PER_TOP_K * model.cfg.num_experts_per_tok
+            if dense and all(hasattr(getattr(module, n), DEQUANTIZED) for n in ("w1", "w3", "w2")):
                 setattr(module.w1, DENSE_WEIGHTS, _dense_weights(module))
         elif isinstance(module, MLA):
             module.absorbed_weights(model.dtype)
@@ -125,8 +121,8 @@ def _compile_ops(ops: OpTable) -> OpTable:
         return dequantized_linear(x, w, block[1], act_scale_fmt)
 
     def moe(x, weights, ids, experts):
-        dense = getattr(experts.w1, DENSE_WEIGHTS, None)
-        if experts.num_experts > DENSE_EXPERTS_PER_TOP_K * ids.shape[1] or dense is None:
+        dense = getattr(experts.w1, DENSE_WEIGHTS, None)  # made by _prepare where the dense form pays
+        if dense is None:
             return reference_moe(x, weights, ids, experts)
         return _dense_experts(x, weights, ids, experts, *dense)
 
