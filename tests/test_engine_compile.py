@@ -45,3 +45,21 @@ def test_models_with_graph_breaks_keep_the_module_guards():
     model = random_tiny_model(tiny_config(fp8=False), dtype=torch.bfloat16, seed=3)
     engine = make_engine(model, enable_torch_compile=True)
     assert not engine.decode_runner.whole_graph
+
+
+def test_weights_past_the_dequantization_cache_bound_get_no_second_copy(monkeypatch):
+    """With no room in the dequantization cache, the FP8 weights keep the reference linear and MoE (graph
+    breaks) instead of a copy beyond the bound, and the tokens are still eager's."""
+    import dsv.ops.linear as linear_mod
+
+    model = random_tiny_model(tiny_config(fp8=True, kv_lora_rank=128), dtype=torch.bfloat16, seed=4)
+    prompts = random_prompts(3, 8, 20, seed=7)
+    eager = tokens(run_all(make_engine(model), prompts, PARAMS))
+    monkeypatch.setattr(linear_mod, "_CACHE_LIMIT", 0)
+    linear_mod._CACHE.clear()
+    monkeypatch.setattr(linear_mod, "_cache_bytes", 0)
+    torch._dynamo.reset()
+    engine = make_engine(model, enable_torch_compile=True)
+    assert not engine.decode_runner.whole_graph
+    assert not any(hasattr(p, "dsv_dequantized") for p in model.parameters())
+    assert tokens(run_all(engine, prompts, PARAMS)) == eager

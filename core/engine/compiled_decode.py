@@ -79,22 +79,26 @@ class CompiledDecode:
 
 def _whole_graph(model: DeepseekV32ForCausalLM) -> bool:
     """Whether the forward traces as one graph: every routed-expert layer runs the dense form (FP8 experts
-    whose dequantized copies :func:`_prepare` made, few enough experts); the reference MoE needs the routed
-    counts on the host, a graph break."""
-    return all(hasattr(m.w1, DENSE_WEIGHTS) for m in model.modules() if isinstance(m, Experts))
+    whose dequantized copies :func:`_prepare` made, few enough experts; the reference MoE needs the routed
+    counts on the host, a graph break) and every FP8 linear has its dequantized copy (the reference linear's
+    id-keyed cache is not traceable)."""
+    return all(hasattr(m.w1, DENSE_WEIGHTS) for m in model.modules() if isinstance(m, Experts)) and all(
+        hasattr(m.weight, DEQUANTIZED) for m in model.modules() if isinstance(m, Linear) and m.is_fp8
+    )
 
 
 def _prepare(model: DeepseekV32ForCausalLM) -> int:
     """Dequantize the FP8 weights onto themselves and make the MLA absorption weights; returns how many."""
     count = 0
     for module in model.modules():
+        # The dequantization cache's copies (bounded by DSV_DEQUANT_CACHE_MB): weights it cannot hold keep the
+        # reference linear / MoE, a graph break, not a second copy of the weights.
         if isinstance(module, Linear) and module.is_fp8:
-            w = dequantized_weight(module.weight, module.weight_scale_inv, module.block)
-            setattr(module.weight, DEQUANTIZED, w)
-            count += 1
+            w = dequantized_weight(module.weight, module.weight_scale_inv, module.block, cached_only=True)
+            if w is not None:
+                setattr(module.weight, DEQUANTIZED, w)
+                count += 1
         elif isinstance(module, Experts) and module.w1_scale is not None:
-            # The dequantization cache's copies (bounded by DSV_DEQUANT_CACHE_MB): experts it cannot hold keep
-            # the reference MoE, a graph break, not a second copy of the weights.
             for name in ("w1", "w3", "w2"):
                 w, s = getattr(module, name), getattr(module, name + "_scale")
                 deq = dequantized_weight(w, s, module.block, cached_only=True)
