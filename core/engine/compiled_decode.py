@@ -7,7 +7,8 @@ into C++ kernels. What makes the forward one graph without breaks:
 * the KV caches are read and written through opaque custom ops while compiling (:mod:`dsv.ops.cache_ops`;
   the MLA cache in both layouts and the indexer cache, FP8 with its bf16 read copy or float);
 * FP8 weights are dequantized once, before compiling, and kept on the weight (``dsv_dequantized``), so the
-  compiled linear and MoE read them instead of the id-keyed cache of :mod:`dsv.ops.linear`;
+  compiled linear and MoE read them instead of the id-keyed cache of :mod:`dsv.ops.linear` (those are the
+  cache's copies, within its bound: weights past it keep the reference ops, a graph break);
 * the MLA absorption weights are made before compiling;
 * the routed experts run in a dense form (every expert on every token, weighted by the routing, zero for
   unrouted pairs) when there are at most :data:`DENSE_EXPERTS_PER_TOP_K` experts per routed slot: the
@@ -19,7 +20,8 @@ indexer scores nearly tie. Shapes are dynamic: one compilation serves batch size
 what torch.compile always specializes (a batch of one sequence, a block table one page wide) and sizes that
 happen to equal a model dimension at trace time (a batch as large as the head count): those compile once more.
 Each compilation takes about a minute for the default model on two cores, at the first decode step of its
-shape. Prefill and mixed steps stay eager.
+shape. Prefill and mixed steps stay eager. Only a forward without graph breaks drops dynamo's guards on the
+model's modules (:class:`CompiledDecode`).
 """
 
 from __future__ import annotations
