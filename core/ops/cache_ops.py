@@ -63,8 +63,8 @@ def gather_sequences(
     keys: torch.Tensor, scales: torch.Tensor | None, block_table: torch.Tensor, length: int
 ) -> torch.Tensor:
     """Keys [B, length, D] fp32 (dequantized when ``scales`` is given) of positions 0..length-1 of every
-    sequence of ``block_table``, a page at a time (the indexer cache's read, eager or inside
-    :func:`index_keys_read`)."""
+    sequence of ``block_table``, a page at a time (the indexer cache's read, through
+    :func:`gather_index_pages`)."""
     pages = block_table[:, : -(-length // keys.shape[1])].long()
     b, flat, head_dim = pages.shape[0], pages.reshape(-1), keys.shape[-1]
     rows = keys.index_select(0, flat).view(b, -1, head_dim)[:, :length]
@@ -88,6 +88,22 @@ def index_keys_write(
     write_index_keys(*index_views(storage, page_size, head_dim), copy, slots, k, page_size)
 
 
+def gather_index_pages(
+    pages: torch.Tensor,
+    block_table: torch.Tensor,
+    length: int,
+    page_size: int,
+    head_dim: int,
+    quantized: bool,
+) -> torch.Tensor:
+    """:func:`gather_sequences` of indexer keys: a quantized storage (uint8 pages of keys then scales) when
+    ``quantized``, else float pages [num_pages, page_size, head_dim] (a float cache or a read copy). The
+    indexer cache's read, eager or inside :func:`pages_read`."""
+    if quantized:
+        return gather_sequences(*index_views(pages, page_size, head_dim), block_table, length)
+    return gather_sequences(pages, None, block_table, length)
+
+
 @torch.library.custom_op("dsv::pages_read", mutates_args=())
 def pages_read(
     pages: torch.Tensor,
@@ -97,11 +113,8 @@ def pages_read(
     head_dim: int,
     quantized: bool,
 ) -> torch.Tensor:
-    """:func:`gather_sequences` of indexer keys: a quantized storage (uint8 pages of keys then scales) when
-    ``quantized``, else float pages [num_pages, page_size, head_dim] (a float cache or a read copy)."""
-    if quantized:
-        return gather_sequences(*index_views(pages, page_size, head_dim), block_table, length)
-    return gather_sequences(pages, None, block_table, length)
+    """:func:`gather_index_pages` as an opaque op (while compiling)."""
+    return gather_index_pages(pages, block_table, length, page_size, head_dim, quantized)
 
 
 @pages_read.register_fake

@@ -145,12 +145,21 @@ class IndexKCacheLayer:
             page, off = self._page_offset(slots)
             self.keys[page, off] = k.to(self.dtype)
 
+    @property
+    def _float_pages(self) -> torch.Tensor | None:
+        """The float pages the reads gather: the bf16 read copy or an unquantized cache; None when only the
+        FP8 bytes exist (the reads then dequantize them)."""
+        if self.copy is not None:
+            return self.copy
+        return None if self.quantized else self.keys
+
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         """Dequantized keys [..., D] in fp32 at global ``slots`` (any shape)."""
         page, off = self._page_offset(slots)
-        if self.quantized and self.copy is None:
+        pages = self._float_pages
+        if pages is None:
             return act_dequant(self.keys[page, off], self.scales[page, off].unsqueeze(-1), self.head_dim)
-        return (self.keys if self.copy is None else self.copy)[page, off].float()
+        return pages[page, off].float()
 
     def read_sequences(self, block_table: torch.Tensor, length: int) -> torch.Tensor:
         """Dequantized keys [B, length, D] fp32 of positions 0..length-1 of every sequence of ``block_table``.
@@ -158,10 +167,14 @@ class IndexKCacheLayer:
         The same values as :meth:`read` of the sequences' slots, gathered a page at a time (a page's keys
         are contiguous), which is much cheaper than one index per token.
         """
-        quantized = self.quantized and self.copy is None
-        pages = self.storage if quantized else (self.keys if self.copy is None else self.copy)
-        if torch.compiler.is_compiling():
-            return cache_ops.pages_read(pages, block_table, length, self.page_size, self.head_dim, quantized)
-        if quantized:
-            return cache_ops.gather_sequences(self.keys, self.scales, block_table, length)
-        return cache_ops.gather_sequences(pages, None, block_table, length)
+        pages = self._float_pages
+        quantized = pages is None
+        read = cache_ops.pages_read if torch.compiler.is_compiling() else cache_ops.gather_index_pages
+        return read(
+            self.storage if quantized else pages,
+            block_table,
+            length,
+            self.page_size,
+            self.head_dim,
+            quantized,
+        )
