@@ -228,6 +228,32 @@ def build_program(key: KernelKey) -> Any:
     skip_tail = SKIP_DEAD_TAIL
     span = steps * BI  # indices per split
 
+    @T.macro
+    def consumer_live_blocks(live, full, live_s):
+        """The blocks a consumer runs: the producer's count (published by block 0's "full" barrier) with
+        SKIP_DEAD_TAIL, else the whole split. (Python branches on build-time flags: the frontend emits only the
+        taken one.)"""
+        if skip_tail:
+            T.barrier_wait(full[0], 0)
+            live[0] = live_s[0]
+        else:
+            live[0] = steps
+
+    @T.macro
+    def rescale(acc_o, factors, least):
+        """acc_o[h, :] *= factors[h], one consumer's half of O. With lazy rescaling (RESCALE_LOG2) only in
+        warps where some factor is below 1: ``least`` holds this thread's smallest factor for the warp vote."""
+        if RESCALE_LOG2 is not None:
+            least[0] = 1.0
+            for h in T.Parallel(BH):
+                least[0] = T.min(least[0], factors[h])
+            if T.call_extern("int32", "dsv_warp_any", least[0]) != 0:
+                for h, d in T.Parallel(BH, D2):
+                    acc_o[h, d] = acc_o[h, d] * factors[h]
+        else:
+            for h, d in T.Parallel(BH, D2):
+                acc_o[h, d] = acc_o[h, d] * factors[h]
+
     @T.prim_func
     def sparse_mla_ws(
         Q: T.Tensor((tokens, H, D + DT), dtype),  # type: ignore[valid-type]
@@ -302,12 +328,7 @@ def build_program(key: KernelKey) -> Any:
                 T.copy(Q[t, h0 : h0 + BH, D : D + DT], q_t)
                 T.barrier_arrive(q_ready)
                 T.barrier_wait(q_ready, 0)
-                # (Python branches on build-time flags: the frontend emits only the taken one.)
-                if skip_tail:
-                    T.barrier_wait(full[0], 0)
-                    live[0] = live_s[0]
-                else:
-                    live[0] = steps
+                consumer_live_blocks(live, full, live_s)
                 for n in T.serial(live[0]):
                     b = n % 2
                     T.barrier_wait(full[b], (n // 2) % 2)
@@ -337,16 +358,7 @@ def build_program(key: KernelKey) -> Any:
                     T.reduce_sum(acc_s, l_blk, dim=1)
                     for h in T.Parallel(BH):
                         l_i[h] = l_i[h] * alpha[h] + l_blk[h]
-                    if RESCALE_LOG2 is not None:
-                        least[0] = 1.0
-                        for h in T.Parallel(BH):
-                            least[0] = T.min(least[0], alpha[h])
-                        if T.call_extern("int32", "dsv_warp_any", least[0]) != 0:
-                            for h, d in T.Parallel(BH, D2):
-                                acc_o_l[h, d] = acc_o_l[h, d] * alpha[h]
-                    else:
-                        for h, d in T.Parallel(BH, D2):
-                            acc_o_l[h, d] = acc_o_l[h, d] * alpha[h]
+                    rescale(acc_o_l, alpha, least)
                     # P and alpha_s are single buffers: wait until consumer 1 has used the previous block's.
                     T.barrier_wait(p_free, 1 - b)
                     for h in T.Parallel(BH):
@@ -385,25 +397,13 @@ def build_program(key: KernelKey) -> Any:
                 # Consumer 0's wgmma reads these stores through the async proxy.
                 T.fence_proxy_async()
                 T.barrier_arrive(q_ready)
-                if skip_tail:
-                    T.barrier_wait(full[0], 0)
-                    live[0] = live_s[0]
-                else:
-                    live[0] = steps
+                consumer_live_blocks(live, full, live_s)
                 for n in T.serial(live[0]):
                     b = n % 2
                     T.barrier_wait(p_ready, b)
-                    if RESCALE_LOG2 is not None:
-                        least[0] = 1.0
-                        for h in T.Parallel(BH):
-                            alpha_r[h] = alpha_s[h]
-                            least[0] = T.min(least[0], alpha_r[h])
-                        if T.call_extern("int32", "dsv_warp_any", least[0]) != 0:
-                            for h, d in T.Parallel(BH, D2):
-                                acc_o_r[h, d] = acc_o_r[h, d] * alpha_r[h]
-                    else:
-                        for h, d in T.Parallel(BH, D2):
-                            acc_o_r[h, d] = acc_o_r[h, d] * alpha_s[h]
+                    for h in T.Parallel(BH):
+                        alpha_r[h] = alpha_s[h]
+                    rescale(acc_o_r, alpha_r, least)
                     T.wgmma_gemm(p_s, kv_r[b, :, :], acc_o_r)
                     T.wait_wgmma(0)
                     T.barrier_arrive(p_free)
