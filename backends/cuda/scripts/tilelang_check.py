@@ -421,7 +421,21 @@ def main() -> int:
         action="store_true",
         help="only the 'ws' variant on FP8 cache rows: checks, then timings",
     )
+    ap.add_argument(
+        "--ws-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a build-time switch of the 'ws' program (e.g. FP8_PREFETCH_ROWS=0) for A/B timings",
+    )
     args = ap.parse_args()
+    for item in args.ws_set:
+        from dsv_cuda.tilelang import sparse_mla_ws_kernel
+
+        name, _, value = item.partition("=")
+        if not hasattr(sparse_mla_ws_kernel, name):
+            ap.error(f"sparse_mla_ws_kernel has no switch {name!r}")
+        setattr(sparse_mla_ws_kernel, name, type(getattr(sparse_mla_ws_kernel, name))(json.loads(value)))
     variants = [v for v in args.variants.split(",") if v]
     results: list[dict] = [{"device": torch.cuda.get_device_name(), "torch": torch.__version__}]
     if args.sweep:

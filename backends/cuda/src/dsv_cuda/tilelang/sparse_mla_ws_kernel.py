@@ -26,17 +26,22 @@ unchanged and the producer stages each block through the bf16 buffer it fills: t
 go by 16-byte cp.async into row j's own 512-byte footprint in ``kv_r`` (under the 128-byte swizzle a row's
 bytes stay inside its 128-byte rows of each 64-column atom), the rope part straight into ``kv_t``, the four
 scales into registers (a masked row's are 0). One cp.async group per 16-row pass; each lane then waits for
-its pass, reads back the 64 bytes it staged, ``__syncwarp()`` (a row's 8 lanes are one warp, and the row's
-bf16 values overwrite its staged bytes), and stores bf16(e4m3 * scale) into ``kv_l`` / ``kv_r`` with
-16-byte stores (the ``_FP8_PRELUDE`` helpers: e4m3x2 -> f16x2 in one ``cvt``, fp32 product, one bf16
+its pass, ``__syncwarp()`` (a row's 8 lanes are one warp), reads the row's e4m3 values 8c..8c+7 and
+64+8c..64+8c+7 of each scale group (lane c of the row; other lanes staged them), ``__syncwarp()`` again (the
+row's bf16 values overwrite its staged bytes), and stores bf16(e4m3 * scale) into ``kv_l`` / ``kv_r`` with
+16-byte stores, the row's 8 lanes covering the 8 16-byte chunks of one 128-byte swizzle row (no bank
+conflicts: a lane taking 16 consecutive values put lanes c and c + 4 on the same banks) (the ``_FP8_PRELUDE`` helpers: e4m3x2 -> f16x2 in one ``cvt``, fp32 product, one bf16
 rounding, as dsv.ops.quant unpacks). Smem stays at 224 KB. The gathers are asynchronous, so the latency
 that made the earlier synchronous-load producer 109 TFLOPS now overlaps with the pass-by-pass dequant.
 
-Measured on an H200 (H = 128, top-k 2048, 1/8 of the list -1, CUDA graph replay): decode B16 / B64 / B128
-49.6 / 128.0 / 244.1 µs (184 / 285 / 299 TFLOPS), dsv's Triton kernel on the same rows 75.0 / 217.4 /
-407.7 µs; the bf16 program in the same run B64 83.4 µs. Still producer-bound: a block's gather latency plus
-its dequantization (~4 µs a block) exceed the consumers' ~2.6 µs. Errors within 0.67 of the check's
-tolerance (backends/cuda/scripts/tilelang_check.py --fp8-only).
+Measured on an H200 (H = 128, top-k 2048, CUDA graph replay, sixth session, with :data:`FP8_PREFETCH_ROWS`):
+decode B64 / B128 92.0 / 182.8 µs (397 / 400 TFLOPS) on ``benchmarks/kernels.py``'s lists (their last eighth
+-1), 117-118 / 220-222 µs (309-312 / 328-332 TFLOPS) with full random lists; dsv's Triton kernel 210 / 400 µs.
+Still producer-bound: per 64-row block about 3.7 µs against the bf16 program's 2.4. Slower, each measured
+in the same way (docs/benchmarks.md): two-CTA clusters whose producers split each block and store into both
+CTAs (FlashMLA's sm90 layout; 121-131 µs), dequantizing a block one iteration after its copies (146 µs),
+four buffers of 32 rows (130 µs). Errors within 0.67 of the check's tolerance
+(backends/cuda/scripts/tilelang_check.py --fp8-only).
 
 TileLang's ``T.ptx_wait_group`` is not used: the barrier TileLang puts after it got consumer 0's named
 barrier id (3) in the producer's branch, and the two warpgroups meeting on one named barrier deadlocked
@@ -72,8 +77,6 @@ from dsv_cuda.tilelang.kernel_key import WS_VEC as _VEC
 from dsv_cuda.tilelang.kernel_key import KernelKey, ws_unsupported
 from dsv_cuda.tilelang.sparse_mla_kernel import _LOG2E, _NEG_INIT, _dynamic
 
-#: e4m3 values each producer lane dequantizes per scale group (8 lanes x 16 = one 128-value group).
-_FP8_CHUNK = _FP8_GROUP // _LANES_PER_ROW
 #: bf16 columns of kv_r a row's staged group of e4m3 bytes occupies (128 bytes = 64 bf16).
 _FP8_SLOT = _FP8_GROUP // 2
 #: Threads per block: two consumer warpgroups and one producer warpgroup.
@@ -104,6 +107,11 @@ _LIVE_BARRIER = 8
 #: the wgmma pipeline only for a provably warp-uniform branch). Probabilities then reach up to 2^RESCALE_LOG2
 #: (256): exact in fp32, and the bf16 P keeps its relative precision. None: rescale at every block.
 RESCALE_LOG2: float | None = 8.0
+#: The FP8 producer loads a block's top-k entries while the previous block is dequantized, not after the
+#: buffer frees: the FP8 producer is the bound, and with the buffer already free that load's latency was part
+#: of every block's critical path (H200, full lists: decode B64 119.8 -> 117.0 µs, B128 228.0 -> 219.8 µs,
+#: same run). The bf16 producer keeps its order: it does not wait for its own copies.
+FP8_PREFETCH_ROWS = True
 
 _PRELUDE = """
 __device__ __forceinline__ float dsv_ex2(float x) {
@@ -142,10 +150,10 @@ def _exp2(x: Any) -> Any:
 
 
 #: CUDA helpers of the FP8 producer (TileLang's ``prelude``: inlined device functions). One call waits for the
-#: lane's cp.async group of the pass (``pending`` later groups may still be in flight), then dequantizes the
-#: lane's four staged 16-byte pieces of one row (16 e4m3 values of each scale group): it reads all four
-#: into registers first, then ``__syncwarp()``: the row's 8 lanes share one warp, and their bf16 results
-#: overwrite the staged bytes of the whole row. e4m3x2 -> f16x2 is one ``cvt`` on sm_89+, exact; the
+#: lane's cp.async group of the pass (``pending`` later groups may still be in flight), syncs the row's 8
+#: lanes (one warp), then dequantizes the lane's eight 8-byte pieces of the row (8 e4m3 values of each half
+#: scale group, staged by other lanes): it reads all eight into registers first, then ``__syncwarp()``
+#: again, because the bf16 results overwrite the staged bytes of the whole row. e4m3x2 -> f16x2 is one ``cvt`` on sm_89+, exact; the
 #: product with the scale is taken in fp32 and rounded once to bf16, as dsv.ops.quant's unpacking does.
 _FP8_PRELUDE = r"""
 #include <cuda_bf16.h>
@@ -172,23 +180,29 @@ __device__ __forceinline__ void dsv_cp_async_wait(int pending) {
   }
 }
 __device__ __forceinline__ void dsv_fp8_dequant_row_piece(
-    int pending, const void* s0, const void* s1, const void* s2, const void* s3,
+    int pending, const void* s0, const void* s1, const void* s2, const void* s3, const void* s4,
+    const void* s5, const void* s6, const void* s7,
     void* d0, void* d1, void* d2, void* d3, void* d4, void* d5, void* d6, void* d7,
     float k0, float k1, float k2, float k3) {
   dsv_cp_async_wait(pending);  // this lane's copies of the pass have landed
-  const uint4 a0 = *static_cast<const uint4*>(s0);
-  const uint4 a1 = *static_cast<const uint4*>(s1);
-  const uint4 a2 = *static_cast<const uint4*>(s2);
-  const uint4 a3 = *static_cast<const uint4*>(s3);
-  __syncwarp();
+  __syncwarp();  // ... and so have the other lanes' of the row (one warp): the pieces below are theirs
+  const uint2 a0 = *static_cast<const uint2*>(s0);
+  const uint2 a1 = *static_cast<const uint2*>(s1);
+  const uint2 a2 = *static_cast<const uint2*>(s2);
+  const uint2 a3 = *static_cast<const uint2*>(s3);
+  const uint2 a4 = *static_cast<const uint2*>(s4);
+  const uint2 a5 = *static_cast<const uint2*>(s5);
+  const uint2 a6 = *static_cast<const uint2*>(s6);
+  const uint2 a7 = *static_cast<const uint2*>(s7);
+  __syncwarp();  // every lane has read its pieces before any bf16 result overwrites the staged bytes
   *static_cast<uint4*>(d0) = dsv_e4m3x8_bf16x8(a0.x, a0.y, k0);
-  *static_cast<uint4*>(d1) = dsv_e4m3x8_bf16x8(a0.z, a0.w, k0);
-  *static_cast<uint4*>(d2) = dsv_e4m3x8_bf16x8(a1.x, a1.y, k1);
-  *static_cast<uint4*>(d3) = dsv_e4m3x8_bf16x8(a1.z, a1.w, k1);
-  *static_cast<uint4*>(d4) = dsv_e4m3x8_bf16x8(a2.x, a2.y, k2);
-  *static_cast<uint4*>(d5) = dsv_e4m3x8_bf16x8(a2.z, a2.w, k2);
-  *static_cast<uint4*>(d6) = dsv_e4m3x8_bf16x8(a3.x, a3.y, k3);
-  *static_cast<uint4*>(d7) = dsv_e4m3x8_bf16x8(a3.z, a3.w, k3);
+  *static_cast<uint4*>(d1) = dsv_e4m3x8_bf16x8(a1.x, a1.y, k0);
+  *static_cast<uint4*>(d2) = dsv_e4m3x8_bf16x8(a2.x, a2.y, k1);
+  *static_cast<uint4*>(d3) = dsv_e4m3x8_bf16x8(a3.x, a3.y, k1);
+  *static_cast<uint4*>(d4) = dsv_e4m3x8_bf16x8(a4.x, a4.y, k2);
+  *static_cast<uint4*>(d5) = dsv_e4m3x8_bf16x8(a5.x, a5.y, k2);
+  *static_cast<uint4*>(d6) = dsv_e4m3x8_bf16x8(a6.x, a6.y, k3);
+  *static_cast<uint4*>(d7) = dsv_e4m3x8_bf16x8(a7.x, a7.y, k3);
 }
 """
 
@@ -422,7 +436,7 @@ def build_program(key: KernelKey) -> Any:
                 lane = tx - 256
                 r0 = lane // _LANES_PER_ROW
                 c0 = (lane % _LANES_PER_ROW) * _VEC
-                c16 = (lane % _LANES_PER_ROW) * _FP8_CHUNK
+                c8 = (lane % _LANES_PER_ROW) * _VEC  # first of the lane's 8 values in each half group
                 if skip_tail:
                     live[0] = T.call_extern(
                         "int32",
@@ -442,12 +456,17 @@ def build_program(key: KernelKey) -> Any:
                         T.barrier_arrive(full[0])
                 else:
                     live[0] = steps
+                prefetch_rows = fp8 and FP8_PREFETCH_ROWS
+                if prefetch_rows and live[0] > 0:  # the FP8 producer loads top-k entries one block ahead
+                    for p in T.unroll(passes):
+                        rows[p] = Idx[t, k0 + p * _ROWS_PER_PASS + r0]
                 for n in T.serial(live[0]):
                     b = n % 2
                     base = k0 + n * BI
-                    # Index loads first: their latency overlaps the wait for the buffer.
-                    for p in T.unroll(passes):
-                        rows[p] = Idx[t, base + p * _ROWS_PER_PASS + r0]
+                    if not prefetch_rows:
+                        # Index loads first: their latency overlaps the wait for the buffer.
+                        for p in T.unroll(passes):
+                            rows[p] = Idx[t, base + p * _ROWS_PER_PASS + r0]
                     T.barrier_wait(free[b], (n // 2) % 2 ^ 1)
                     for p in T.unroll(passes):
                         j = p * _ROWS_PER_PASS + r0
@@ -513,24 +532,35 @@ def build_program(key: KernelKey) -> Any:
                                     predicate=rows[p] >= 0,
                                 )
                     if fp8:
+                        # The next block's top-k entries (this block's copies are issued): their load
+                        # latency passes during this block's dequantization, not after the buffer frees
+                        # (where, with the buffer already free, it was part of every block's critical path).
+                        if prefetch_rows and n + 1 < live[0]:
+                            for p in T.unroll(passes):
+                                rows[p] = Idx[t, base + BI + p * _ROWS_PER_PASS + r0]
                         # Unrolled in the IR: cp.async.wait_group takes a constant.
                         for p in T.unroll(passes, explicit=True):
                             j = p * _ROWS_PER_PASS + r0
                             # The wait is the helper's (T.ptx_wait_group would be followed by a barrier
                             # TileLang names with consumer 0's id: mixed with its warps, it deadlocked).
-                            # Each lane reads back the 64 bytes it staged, the row's 8 lanes (one warp)
-                            # sync, then each writes its 64 bf16 values over the row's staged bytes.
+                            # The row's 8 lanes (one warp) sync, each reads its 64 e4m3 values (8 of each
+                            # half group), they sync again, then each writes them as bf16 over the row's
+                            # staged bytes.
                             # T.address_of, not T.access_ptr: TileLang then puts no producer-wide barrier
                             # before every pass (the hazards are within a warp, which the helper syncs).
                             T.call_extern(
                                 "handle",
                                 "dsv_fp8_dequant_row_piece",
                                 passes - 1 - p,
-                                *[T.address_of(kv_r[b, j, g * _FP8_SLOT + c0]) for g in range(_FP8_GROUPS)],
+                                *[
+                                    T.address_of(kv_r[b, j, g * _FP8_SLOT + h * _FP8_SLOT // 2 + c8 // 2])
+                                    for g in range(_FP8_GROUPS)
+                                    for h in range(2)
+                                ],
                                 *[
                                     T.address_of(
                                         (kv_l if g < groups_half else kv_r)[
-                                            b, j, (g % groups_half) * _FP8_GROUP + c16 + h * _VEC
+                                            b, j, (g % groups_half) * _FP8_GROUP + h * _FP8_GROUP // 2 + c8
                                         ]
                                     )
                                     for g in range(_FP8_GROUPS)
