@@ -29,15 +29,16 @@ scales into registers (a masked row's are 0). One cp.async group per 16-row pass
 its pass, ``__syncwarp()`` (a row's 8 lanes are one warp), reads the row's e4m3 values 8c..8c+7 and
 64+8c..64+8c+7 of each scale group (lane c of the row; other lanes staged them), ``__syncwarp()`` again (the
 row's bf16 values overwrite its staged bytes), and stores bf16(e4m3 * scale) into ``kv_l`` / ``kv_r`` with
-16-byte stores, the row's 8 lanes covering the 8 16-byte chunks of one 128-byte swizzle row (no bank
-conflicts: a lane taking 16 consecutive values put lanes c and c + 4 on the same banks) (the ``_FP8_PRELUDE`` helpers: e4m3x2 -> f16x2 in one ``cvt``, fp32 product, one bf16
-rounding, as dsv.ops.quant unpacks). Smem stays at 224 KB. The gathers are asynchronous, so the latency
+16-byte stores. The row's 8 lanes then cover the 8 16-byte chunks of one 128-byte swizzle row: no bank
+conflicts, where a lane taking 16 consecutive values put lanes c and c + 4 on the same banks. The
+``_FP8_PRELUDE`` helpers do e4m3x2 -> f16x2 in one ``cvt``, the product in fp32 and one bf16 rounding, as
+dsv.ops.quant unpacks. Smem stays at 224 KB. The gathers are asynchronous, so the latency
 that made the earlier synchronous-load producer 109 TFLOPS now overlaps with the pass-by-pass dequant.
 
-Measured on an H200 (H = 128, top-k 2048, CUDA graph replay, sixth session, with :data:`FP8_PREFETCH_ROWS`):
-decode B64 / B128 92.0 / 182.8 µs (397 / 400 TFLOPS) on ``benchmarks/kernels.py``'s lists (their last eighth
--1), 117-118 / 220-222 µs (309-312 / 328-332 TFLOPS) with full random lists; dsv's Triton kernel 210 / 400 µs.
-Still producer-bound: per 64-row block about 3.7 µs against the bf16 program's 2.4. Slower, each measured
+Measured on an H200 (H = 128, top-k 2048, sixth session): decode B64 90.5-91.0 µs in a CUDA graph (401-404
+TFLOPS) and B128 182.2-182.8 µs without one (399-401 TFLOPS) on ``benchmarks/kernels.py``'s lists (their last
+eighth -1); 115.3 / 218.9 µs (317 / 334 TFLOPS) with full random lists; dsv's Triton kernel 210 / 400 µs.
+Still producer-bound: per 64-row block about 3.6 µs against the bf16 program's 2.4. Slower, each measured
 in the same way (docs/benchmarks.md): two-CTA clusters whose producers split each block and store into both
 CTAs (FlashMLA's sm90 layout; 121-131 µs), dequantizing a block one iteration after its copies (146 µs),
 four buffers of 32 rows (130 µs). Errors within 0.67 of the check's tolerance
@@ -153,8 +154,9 @@ def _exp2(x: Any) -> Any:
 #: lane's cp.async group of the pass (``pending`` later groups may still be in flight), syncs the row's 8
 #: lanes (one warp), then dequantizes the lane's eight 8-byte pieces of the row (8 e4m3 values of each half
 #: scale group, staged by other lanes): it reads all eight into registers first, then ``__syncwarp()``
-#: again, because the bf16 results overwrite the staged bytes of the whole row. e4m3x2 -> f16x2 is one ``cvt`` on sm_89+, exact; the
-#: product with the scale is taken in fp32 and rounded once to bf16, as dsv.ops.quant's unpacking does.
+#: again, because the bf16 results overwrite the staged bytes of the whole row. e4m3x2 -> f16x2 is one
+#: ``cvt`` on sm_89+, exact; the product with the scale is taken in fp32 and rounded once to bf16, as
+#: dsv.ops.quant's unpacking does.
 _FP8_PRELUDE = r"""
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -436,7 +438,6 @@ def build_program(key: KernelKey) -> Any:
                 lane = tx - 256
                 r0 = lane // _LANES_PER_ROW
                 c0 = (lane % _LANES_PER_ROW) * _VEC
-                c8 = (lane % _LANES_PER_ROW) * _VEC  # first of the lane's 8 values in each half group
                 if skip_tail:
                     live[0] = T.call_extern(
                         "int32",
@@ -553,14 +554,14 @@ def build_program(key: KernelKey) -> Any:
                                 "dsv_fp8_dequant_row_piece",
                                 passes - 1 - p,
                                 *[
-                                    T.address_of(kv_r[b, j, g * _FP8_SLOT + h * _FP8_SLOT // 2 + c8 // 2])
+                                    T.address_of(kv_r[b, j, g * _FP8_SLOT + h * _FP8_SLOT // 2 + c0 // 2])
                                     for g in range(_FP8_GROUPS)
                                     for h in range(2)
                                 ],
                                 *[
                                     T.address_of(
                                         (kv_l if g < groups_half else kv_r)[
-                                            b, j, (g % groups_half) * _FP8_GROUP + h * _FP8_GROUP // 2 + c8
+                                            b, j, (g % groups_half) * _FP8_GROUP + h * _FP8_GROUP // 2 + c0
                                         ]
                                     )
                                     for g in range(_FP8_GROUPS)
