@@ -103,9 +103,10 @@ class Int8Screen:
         """Every token of each row that may be its fp32 argmax (see the module docstring for the bound)."""
         n, k = hidden.shape
         h = hidden.double()
-        s_h = h.abs().amax(dim=1) / _QMAX
+        h_abs = h.abs()
+        s_h = h_abs.amax(dim=1) / _QMAX
         ok = torch.isfinite(s_h) & (s_h > 0)
-        safe = torch.where(ok, s_h, torch.ones_like(s_h))
+        safe = torch.where(ok, s_h, 1.0)
         hq = torch.round(h / safe[:, None]).clamp_(-_QMAX, _QMAX).nan_to_num_(0.0)
         h_hat = hq * safe[:, None]
         # |h·w_v - s_h s_w (q_h·q_v)| <= the quantization bound for every token v; an fp32 score (products
@@ -115,33 +116,35 @@ class Int8Screen:
         # whose partial sums could overflow fp32 are left to the next pass.
         gamma = (k + 1) * 2.0**-24 / (1 - (k + 1) * 2.0**-24)
         eps = gamma * h.norm(dim=1) * self.norm + k * 2.0**-149
-        ok &= h.abs().sum(dim=1) * self.amax < _FP32_SAFE
+        ok &= h_abs.sum(dim=1) * self.amax < _FP32_SAFE
         quant = (h - h_hat).norm(dim=1) * self.norm + h_hat.norm(dim=1) * self.resid
         slack = (quant + 3 * eps) * (1 + 2.0**-20)
         unit = safe * self.scale
         screened = self.int_dots(hq.to(torch.int8))  # [n, vocab] exact integer dots
         vocab = screened.shape[1]
-        chunk_max = screened.view(n, vocab // self.chunk, self.chunk).amax(dim=-1)
-        best = chunk_max.amax(dim=-1)
-        # Pass 1: the fp32 score of the screen's own argmax is a score the winner must reach; any token whose
-        # screened score is more than `slack` below it cannot (its fp32 score is below that score).
-        rows, cols = self._gather(screened, chunk_max, best.long(), ok)
-        first = pair_scores(hidden, self.weight, rows, cols)[1].double()
+        by_chunk = screened.view(n, vocab // self.chunk, self.chunk)
+        chunk_max = by_chunk.amax(dim=-1)
+        # Pass 1: the fp32 score of one of the screen's argmax tokens is a score the winner must reach; any
+        # token whose screened score is more than `slack` below it cannot (its fp32 score is below that score).
+        # Any token would do; the screen's best keeps the cut tight. Found through its chunk, not a scan.
+        best, best_chunk = chunk_max.max(dim=-1)
+        lane = by_chunk[torch.arange(n), best_chunk].argmax(dim=-1)
+        first = (hidden.float() * self.weight[best_chunk * self.chunk + lane].float()).sum(-1).double()
         cut = torch.floor((first - slack) / unit) - 1
         ok &= torch.isfinite(cut) & (cut > -(2**31))
         # Pass 2: every token at or above that cut.
         threshold = torch.where(ok, cut, best.double()).long()
-        hits = (chunk_max >= threshold[:, None]).sum(dim=1)
-        ok &= hits <= _MAX_CHUNKS_PER_ROW
-        rows, cols = self._gather(screened, chunk_max, threshold, ok)
+        hit = chunk_max >= threshold[:, None]
+        ok &= hit.sum(dim=1) <= _MAX_CHUNKS_PER_ROW
+        rows, cols = self._gather(screened, hit & ok[:, None], threshold)
         return Candidates(rows, cols, ok)
 
     def _gather(
-        self, screened: torch.Tensor, chunk_max: torch.Tensor, threshold: torch.Tensor, ok: torch.Tensor
+        self, screened: torch.Tensor, hit: torch.Tensor, threshold: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, token) pairs of the ``ok`` rows whose screened score is >= the row's threshold, found through
-        the chunks whose maximum reaches it."""
-        hit_rows, hit_chunks = ((chunk_max >= threshold[:, None]) & ok[:, None]).nonzero(as_tuple=True)
+        """(row, token) pairs whose screened score is >= the row's threshold, found through the ``hit`` chunks
+        [n, chunks] (those whose maximum reaches it, of the rows that take part)."""
+        hit_rows, hit_chunks = hit.nonzero(as_tuple=True)
         cols = hit_chunks[:, None] * self.chunk + torch.arange(self.chunk)
         pair, lane = (screened[hit_rows[:, None], cols] >= threshold[hit_rows, None]).nonzero(as_tuple=True)
         return hit_rows[pair], cols[pair, lane]
