@@ -119,7 +119,8 @@ def fused_moe(
     h = expert_hidden(gate, up, experts, x.dtype)
     y = h.new_empty(h.shape[0], dim)
     _per_expert(counts, h, w2, y)
-    contrib = y.to(x.dtype).float() * weights.reshape(-1)[order, None].float()
+    # In place: y.to(x.dtype).float() is a fresh copy or y itself, a temporary of this function either way.
+    contrib = y.to(x.dtype).float().mul_(weights.reshape(-1)[order, None].float())
     out = torch.zeros(t, dim, dtype=torch.float32, device=x.device)
     out.index_add_(0, tok, contrib)
     return out.to(x.dtype)
@@ -137,8 +138,12 @@ def expert_hidden(
 ) -> torch.Tensor:
     """h = silu(gate) * up from products rounded to ``dtype``, rounded to ``dtype``; requantized (fp32) for FP8
     experts: what the down product takes."""
-    h = (torch.nn.functional.silu(gate.to(dtype).float()) * up.to(dtype).float()).to(dtype)
-    return expert_input(h, experts)
+    g, u = gate.to(dtype).float(), up.to(dtype).float()
+    if g is gate or torch.compiler.is_compiling():
+        h = torch.nn.functional.silu(g) * u
+    else:  # eager: in place on the fresh copy (the same values; a large temporary costs its page faults)
+        h = torch.nn.functional.silu(g, inplace=True).mul_(u)
+    return expert_input(h.to(dtype), experts)
 
 
 def _expert_weights(experts: ExpertWeights, name: str) -> Callable[[int], torch.Tensor]:

@@ -44,14 +44,18 @@ def act_quant(
     xg = xf.view(*x.shape[:-1], groups, block)
     scale = _group_scale(xg, fp8, scale_fmt)
     limit = fp8_dtype_max(fp8)
-    q = (xg / scale.unsqueeze(-1)).clamp_(-limit, limit).to(fp8)
+    # Eager: divide in place when xf is a copy (a fresh large temporary costs its page faults on the CPU).
+    owned = xf is not x and not torch.compiler.is_compiling()
+    scaled = xg.div_(scale.unsqueeze(-1)) if owned else xg / scale.unsqueeze(-1)
+    q = scaled.clamp_(-limit, limit).to(fp8)
     q = q.view(*x.shape[:-1], groups * block)
     return (q[..., :n] if pad else q), scale
 
 
 def _group_scale(xg: torch.Tensor, fp8: torch.dtype, scale_fmt: str | None) -> torch.Tensor:
     """Scales [..., groups] of grouped values [..., groups, block]: max(amax, 1e-4) / fp8_max (ue8m0: 2^ceil)."""
-    scale = xg.abs().amax(dim=-1).clamp_min_(AMAX_FLOOR).div_(fp8_dtype_max(fp8))
+    amax = xg.abs().amax(dim=-1)
+    scale = amax.clamp_min_(AMAX_FLOOR).div_(fp8_dtype_max(fp8))
     return ue8m0_round(scale) if scale_fmt == "ue8m0" else scale
 
 
@@ -82,8 +86,10 @@ def fp8_to_float(q: torch.Tensor) -> torch.Tensor:
         return _e4m3_table().index_select(0, q.reshape(-1).view(torch.uint8).int()).view(q.shape)
     byte = q.view(torch.uint8)
     b = byte.to(torch.int16)
-    # The sign (0x80 * 256 = 0x8000) wraps into bit 15 of the int16, which is the fp16 sign bit.
-    half = (((b & 0x7F) * 128) | ((b & 0x80) * 256)).view(torch.float16)
+    # The sign (0x80 * 256 = 0x8000) wraps into bit 15 of the int16, which is the fp16 sign bit. In place on
+    # the fresh int16 copy: fewer large temporaries.
+    sign = (b & 0x80).mul_(256)
+    half = b.bitwise_and_(0x7F).mul_(128).bitwise_or_(sign).view(torch.float16)
     out = half.float().mul_(256.0)
     lo, hi = torch.aminmax(out)
     if hi > FP8_E4M3_MAX or lo < -FP8_E4M3_MAX:  # only the NaN codes widen past +-448 (to +-480)
@@ -95,7 +101,16 @@ def act_dequant(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch
     """Inverse of :func:`act_quant` in fp32."""
     n = q.shape[-1]
     if n % block == 0:  # whole groups: broadcast each scale over its group instead of expanding the scales
-        return (fp8_to_float(q).view(*q.shape[:-1], n // block, block) * scale.unsqueeze(-1)).view(q.shape)
+        values = fp8_to_float(q)
+        grouped = values.view(*q.shape[:-1], n // block, block)
+        # Eager: scale the fresh widened copy in place (no second large temporary).
+        owned = (
+            values is not q
+            and values.dtype == scale.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+        )
+        scaled = grouped.mul_(scale.unsqueeze(-1)) if owned else grouped * scale.unsqueeze(-1)
+        return scaled.view(q.shape)
     expanded = scale.repeat_interleave(block, dim=-1)[..., :n]
     return fp8_to_float(q) * expanded
 
