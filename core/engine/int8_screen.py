@@ -129,7 +129,7 @@ class Int8Screen:
         # Any token would do; the screen's best keeps the cut tight. Found through its chunk, not a scan.
         best, best_chunk = chunk_max.max(dim=-1)
         lane = by_chunk[torch.arange(n), best_chunk].argmax(dim=-1)
-        first = (hidden.float() * self.weight[best_chunk * self.chunk + lane].float()).sum(-1).double()
+        first = score_pairs(hidden, self.weight, torch.arange(n), best_chunk * self.chunk + lane).double()
         cut = torch.floor((first - slack) / unit) - 1
         ok &= torch.isfinite(cut) & (cut > -(2**31))
         # Pass 2: every token at or above that cut.
@@ -216,11 +216,18 @@ def _int8_runs(weight: torch.Tensor, q: torch.Tensor) -> bool:
     return True
 
 
+def score_pairs(
+    hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """fp32 scores of the (row, token) pairs (exact products, one fp32 sum each): the scores every greedy
+    decision is made on (the screen's error bound assumes exactly this computation)."""
+    return (hidden[rows].float() * weight[cols].float()).sum(-1)
+
+
 def pair_scores(
     hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 scores of the (row, token) pairs (exact products, one fp32 sum each) and, per row of ``hidden``,
-    the largest of them (-inf for rows without pairs): the scores every greedy decision is made on."""
-    scores = (hidden[rows].float() * weight[cols].float()).sum(-1)
+    """:func:`score_pairs` and, per row of ``hidden``, the largest of them (-inf for rows without pairs)."""
+    scores = score_pairs(hidden, weight, rows, cols)
     best = torch.full((hidden.shape[0],), float("-inf"), device=hidden.device)
     return scores, best.scatter_reduce(0, rows, scores, "amax")

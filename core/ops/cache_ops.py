@@ -136,22 +136,12 @@ def gather_index_pages(
     return gather_sequences(pages, None, block_table, length)
 
 
-def _pages_read_fake(
-    pages: torch.Tensor,
-    block_table: torch.Tensor,
-    length: int,
-    page_size: int,
-    head_dim: int,
-    quantized: bool,
-) -> torch.Tensor:
-    """Fake of :data:`pages_read`: the gathered keys' shape."""
-    return pages.new_empty(block_table.shape[0], length, head_dim, dtype=torch.float32)
-
-
 #: :func:`gather_index_pages` as an opaque op (while compiling).
 pages_read = _define(
     "pages_read(Tensor pages, Tensor block_table, SymInt length, SymInt page_size, SymInt head_dim, "
     "bool quantized) -> Tensor",
     gather_index_pages,
-    _pages_read_fake,
+    lambda pages, block_table, length, page_size, head_dim, quantized: pages.new_empty(
+        block_table.shape[0], length, head_dim, dtype=torch.float32
+    ),
 )

@@ -54,8 +54,7 @@ def act_quant(
 
 def _group_scale(xg: torch.Tensor, fp8: torch.dtype, scale_fmt: str | None) -> torch.Tensor:
     """Scales [..., groups] of grouped values [..., groups, block]: max(amax, 1e-4) / fp8_max (ue8m0: 2^ceil)."""
-    amax = xg.abs().amax(dim=-1)
-    scale = amax.clamp_min_(AMAX_FLOOR).div_(fp8_dtype_max(fp8))
+    scale = xg.abs().amax(dim=-1).clamp_min_(AMAX_FLOOR).div_(fp8_dtype_max(fp8))
     return ue8m0_round(scale) if scale_fmt == "ue8m0" else scale
 
 
