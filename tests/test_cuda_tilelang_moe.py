@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -28,13 +29,16 @@ from dsv_cuda.tilelang_moe import moe as tl_moe  # noqa: E402
 from dsv_cuda.tilelang_moe.plan import (  # noqa: E402
     DEFAULT_TILES,
     LARGE_ROWS,
+    PERSISTENT_GATE_UP_ROWS,
     GemmKey,
     Tiles,
     flops,
     gemm_key,
     key_unsupported,
     padded_rows,
+    tile_coords,
     tiles_for,
+    unroll_steps,
 )
 
 H200 = (9, 0)
@@ -73,15 +77,45 @@ def _routing(t: int, e: int, k: int, seed: int, unused: int = 0) -> tuple[torch.
 
 
 def test_default_tiles_by_routed_rows():
-    assert tiles_for(LARGE_ROWS) == DEFAULT_TILES and tiles_for(65536) == DEFAULT_TILES
+    assert tiles_for(LARGE_ROWS) == DEFAULT_TILES and tiles_for(PERSISTENT_GATE_UP_ROWS - 1) == DEFAULT_TILES
     assert (DEFAULT_TILES.block_m, DEFAULT_TILES.block_n, DEFAULT_TILES.gate_up_block_n) == (128, 256, 128)
     small = tiles_for(LARGE_ROWS - 1)
     assert small.block_m == 64 and small.block_n == 256
     assert tiles_for(8, hidden=384).block_n == 128  # 384 is no multiple of 256
-    for rows in (1, LARGE_ROWS - 1, LARGE_ROWS):
+    big = tiles_for(65536)
+    assert (big.gate_up_schedule, big.down_schedule, big.gate_up_block_n, big.block_n) == (
+        "persistent",
+        "auto",
+        64,
+        256,
+    )
+    assert tiles_for(65536, out_dtype="float32").gate_up_schedule == "auto"  # fp32 staging would not fit
+    for rows in (1, LARGE_ROWS - 1, LARGE_ROWS, 65536):
         t = tiles_for(rows)
-        for key in (gemm_key(2048, 7168, True, "bfloat16", t), gemm_key(7168, 2048, False, "bfloat16", t)):
+        for key in (
+            gemm_key(2048, 7168, True, "bfloat16", t, sms=132),
+            gemm_key(7168, 2048, False, "bfloat16", t, sms=132),
+        ):
             assert key_unsupported(key) == "", key
+
+
+def test_persistent_keys_need_128x128_tiles_the_sm_count_and_room_in_shared_memory():
+    p = Tiles(block_m=128, block_n=128, gate_up_block_n=64, gate_up_schedule="persistent",
+              down_schedule="persistent")  # fmt: skip
+    gu, down = (
+        gemm_key(2048, 7168, True, "bfloat16", p, sms=132),
+        gemm_key(7168, 2048, False, "bfloat16", p, 132),
+    )
+    assert (gu.schedule, gu.blocks, gu.width) == ("persistent", 132, 128) and key_unsupported(gu) == ""
+    assert key_unsupported(down) == "" and down.width == 128
+    assert "SM count" in key_unsupported(gemm_key(2048, 7168, True, "bfloat16", p))  # no sms given
+    wide = gemm_key(7168, 2048, False, "bfloat16", replace(p, block_n=256), 132)
+    assert "128 x 128 tiles" in key_unsupported(wide)
+    assert "shared memory" in key_unsupported(
+        gemm_key(2048, 7168, True, "float32", replace(p, num_stages=5), 132)
+    )
+    assert "schedule must be" in key_unsupported(replace(gu, schedule="eager"))
+    assert unroll_steps(56) == 14 and unroll_steps(16) == 16 and unroll_steps(1) == 1 and unroll_steps(6) == 6
 
 
 def test_wide_tiles_split_into_two_mma_halves():
@@ -196,15 +230,15 @@ def test_pipeline_matches_reference(t, e, k, d, inter, dtype, fmt, unused, tiles
 
 def test_gemm_launches_see_the_kernel_layout():
     """The arguments the kernel gets: e4m3 A [P, K] and its scales K-block major [K/128, P], contiguous fp32
-    weight scales, per-tile experts, and outputs of x's dtype with P rows."""
+    weight scales, the [3, tiles] tile map, and outputs of x's dtype with P rows."""
     ex = _experts(4, 256, 128, "ue8m0")
     w, ids = _routing(10, 4, 2, seed=3)
     x = torch.randn(10, 256, dtype=torch.bfloat16)
     seen = []
 
-    def record(key, a, sa, b, sb, b2, sb2, tile_expert, c):
-        seen.append((key, a, sa, b, sb, b2, sb2, tile_expert, c))
-        tl_moe.emulate_gemm(key, a, sa, b, sb, b2, sb2, tile_expert, c)
+    def record(key, a, sa, b, sb, b2, sb2, tile_map, c):
+        seen.append((key, a, sa, b, sb, b2, sb2, tile_map, c))
+        tl_moe.emulate_gemm(key, a, sa, b, sb, b2, sb2, tile_map, c)
 
     tilelang_moe.fused_moe(x, w, ids, ex, tiles=TILES[1], gemm=record)
     (gu, a, sa, b, sb, b2, sb2, te, h), (down, hq, hs, w2, s2, _, _, te2, y) = seen
@@ -215,7 +249,7 @@ def test_gemm_launches_see_the_kernel_layout():
     assert b is ex.w1 and b2 is ex.w3 and w2 is ex.w2
     assert sb.dtype == torch.float32 and sb.is_contiguous()
     assert h.dtype == y.dtype == torch.bfloat16 and h.shape == (p, 128) and y.shape == (p, 256)
-    assert p % TILES[1].block_m == 0 and te.numel() == p // TILES[1].block_m
+    assert p % TILES[1].block_m == 0 and te.shape == (3, p // TILES[1].block_m) and te.dtype == torch.int32
 
 
 def test_no_tokens():
@@ -338,3 +372,25 @@ def test_decode_sized_batches_run_the_triton_kernel(monkeypatch):
     assert calls == [x.shape]
     tilelang_moe.fused_moe(x, w, ids, ex, tiles=TILES[0], gemm=tl_moe.emulate_gemm)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_tile_order_covers_every_tile_once_expert_runs_together(block_m: int) -> None:
+    """The kernels' tile order (plan.tile_coords over expert_layout's tile map) is a permutation of the
+    (M tile, N tile) grid, and each expert's run of M tiles takes one contiguous stretch of it, its M tiles
+    side by side."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.rand(300, 16, generator=g).topk(4, dim=1).indices
+    ids[ids == 5] = 6  # expert 5 gets no rows
+    lay = tl_moe.expert_layout(ids, 16, block_m)
+    _, start, length = lay.tile_map.tolist()
+    n_tiles = 3
+    order = [tile_coords(t, n_tiles, start, length) for t in range(len(start) * n_tiles)]
+    assert sorted(order) == [(m, n) for m in range(len(start)) for n in range(n_tiles)]
+    experts = lay.tile_expert.tolist()
+    seen = [experts[m] for m, _ in order]
+    runs = [e for i, e in enumerate(seen) if i == 0 or e != seen[i - 1]]
+    assert len(runs) == len(set(runs))  # one stretch per expert (and per unused tile)
+    for s, c in zip(start, length):
+        first = order[s * n_tiles : s * n_tiles + c]
+        assert [m for m, _ in first] == list(range(s, s + c)) and {n for _, n in first} == {0}

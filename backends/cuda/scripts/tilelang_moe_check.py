@@ -46,6 +46,7 @@ from dsv.ops.moe import fused_moe as reference
 from dsv.ops.quant import weight_quant
 
 DEV = torch.device("cuda")
+SMS = torch.cuda.get_device_properties(DEV).multi_processor_count if torch.cuda.is_available() else 132
 TOL = {torch.float32: 2e-2, torch.bfloat16: 2e-2}
 E, TOPK, HIDDEN, INTER = 256, 8, 7168, 2048
 #: (tokens, experts, top_k, hidden, inter, x dtype, act scale format, experts left without tokens)
@@ -56,21 +57,29 @@ SMALL = [
     (300, 4, 2, 256, 128, torch.float32, None, 1),  # ~200 rows per used expert: several tiles each
     (77, 8, 2, 512, 256, torch.float32, "ue8m0", 3),
 ]
-CONFIG_RE = re.compile(r"m(\d+)n(\d+)g(\d+)s(\d+)t(\d+)")
+CONFIG_RE = re.compile(r"m(\d+)n(\d+)g(\d+)s(\d+)t(\d+)(-pg)?(-pd)?")
 
 
 def parse_config(text: str) -> Tiles:
     m = CONFIG_RE.fullmatch(text)
     if not m:
         raise SystemExit(
-            f"bad config {text!r}: use m<block_m>n<block_n>g<gate_up_block_n>s<stages>t<threads>"
+            f"bad config {text!r}: use m<block_m>n<block_n>g<gate_up_block_n>s<stages>t<threads>[-pg][-pd] "
+            "(-pg / -pd: the persistent schedule for the gate/up / down GEMM)"
         )
-    bm, bn, g, s, t = (int(v) for v in m.groups())
-    return Tiles(block_m=bm, block_n=bn, gate_up_block_n=g, num_stages=s, threads=t)
+    bm, bn, g, s, t = (int(v) for v in m.groups()[:5])
+    gate_up, down = ("persistent" if m.group(i) else "auto" for i in (6, 7))
+    return Tiles(
+        block_m=bm, block_n=bn, gate_up_block_n=g, num_stages=s, threads=t, gate_up_schedule=gate_up,
+        down_schedule=down,
+    )  # fmt: skip
 
 
 def config_name(t: Tiles) -> str:
-    return f"m{t.block_m}n{t.block_n}g{t.gate_up_block_n}s{t.num_stages}t{t.threads}"
+    suffix = ("-pg" if t.gate_up_schedule == "persistent" else "") + (
+        "-pd" if t.down_schedule == "persistent" else ""
+    )
+    return f"m{t.block_m}n{t.block_n}g{t.gate_up_block_n}s{t.num_stages}t{t.threads}{suffix}"
 
 
 def make_experts(e: int, d: int, inter: int, fmt: str | None, seed: int, exact: bool) -> ExpertWeights:
@@ -147,13 +156,13 @@ def step_compile(rec: Recorder, configs: list[Tiles], small_tiles: list[Tiles]) 
     keys = []
     for tiles in configs:
         keys += [
-            gemm_key(INTER, HIDDEN, True, "bfloat16", tiles),
-            gemm_key(HIDDEN, INTER, False, "bfloat16", tiles),
+            gemm_key(INTER, HIDDEN, True, "bfloat16", tiles, SMS),
+            gemm_key(HIDDEN, INTER, False, "bfloat16", tiles, SMS),
         ]
     for tiles in small_tiles:
         for _, _, _, d, inter, dtype, _, _ in SMALL:
             out = tl_moe.OUT_DTYPES[dtype]
-            keys += [gemm_key(inter, d, True, out, tiles), gemm_key(d, inter, False, out, tiles)]
+            keys += [gemm_key(inter, d, True, out, tiles, SMS), gemm_key(d, inter, False, out, tiles, SMS)]
     keys = list(dict.fromkeys(keys))
     t0 = time.perf_counter()
     errors = precompile(keys, workers=12)
@@ -270,7 +279,7 @@ def _gemm_times(
     (k1, a1), (k2, a2) = launches
     ms1 = bench_ms(lambda: tl_moe._run_kernel(k1, *a1))
     ms2 = bench_ms(lambda: tl_moe._run_kernel(k2, *a2))
-    used = int((a1[6] >= 0).sum()) * tiles.block_m
+    used = int((a1[6][0] >= 0).sum()) * tiles.block_m
     rows = ids.numel()
     return {
         "gate_up_ms": ms1,
@@ -281,6 +290,22 @@ def _gemm_times(
         "padded_rows_used": used,
         "padding_overhead": used / rows - 1,
     }
+
+
+def step_profile(rec: Recorder, t: int, configs: list[Tiles]) -> None:
+    """One warm call of the default tiles and of each config inside cudaProfilerStart/Stop, in that order."""
+    ex = make_experts(E, HIDDEN, INTER, "ue8m0", 7, exact=False)
+    w, ids = routing(t, E, TOPK, 300 + t)
+    x = torch.randn(t, HIDDEN, generator=torch.Generator(device=DEV).manual_seed(t), device=DEV)
+    x = x.to(torch.bfloat16)
+    for tiles in [None, *configs]:
+        tl_moe.fused_moe(x, w, ids, ex, tiles=tiles)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        tl_moe.fused_moe(x, w, ids, ex, tiles=tiles)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        rec.put("profile", {"T": t, "config": "default" if tiles is None else config_name(tiles)})
 
 
 def main() -> int:
@@ -296,6 +321,12 @@ def main() -> int:
         "--small-configs", default="", help="tile configs of the small cases (default: the default tiles)"
     )
     ap.add_argument("--no-bench", action="store_true", help="correctness only")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="only run the default and each config once at the first size inside a CUDA profiler range (for "
+        "ncu --profile-from-start off), no checks",
+    )
     ap.add_argument("--no-small", action="store_true", help="skip the small reference cases")
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip timing and sizes after this long")
     args = ap.parse_args()
@@ -318,6 +349,9 @@ def main() -> int:
         )
     except Exception as exc:
         rec.fail("compile", "precompile", exc)
+    if args.profile:
+        step_profile(rec, sizes[0], configs)
+        return 0
     if not args.no_small:
         step_small(rec, small_tiles)
     try:

@@ -7,7 +7,8 @@ first call (per weight shape, output dtype and tile config; the row count stays 
 
 Modules:
     plan: compiled-kernel keys, tile choice and what the program refuses (pure Python).
-    kernel: the TileLang program (imports tilelang).
+    kernel: the TileLang program with TileLang's automatic pipeline, one tile per block (imports tilelang).
+    persistent_kernel: the persistent, hand warp-specialized program whose promotion overlaps the MMAs.
     moe: ``fused_moe`` (the torch side: layout, quantization, launches) and a torch emulation of the kernel.
     combine: the weighted top-k sum (Triton).
 """

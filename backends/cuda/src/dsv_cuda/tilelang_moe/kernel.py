@@ -47,7 +47,8 @@ def build_program(key: GemmKey) -> Any:
     Arguments: A [rows, K] e4m3 (rows sorted by expert, runs padded to ``block_m``); SA [K/128, rows] fp32
     activation scales, K-block major so one step's scales of a tile are contiguous (one TMA load); B and B2
     [E, N, K] e4m3 with SB and SB2 [E, N/128, K/128] fp32 (B2/SB2 are the up weight for SwiGLU, unused
-    otherwise); TileExpert [tiles] int32, the expert of each ``block_m``-row tile (-1: unused tile, skipped);
+    otherwise); TileMap [3, tiles] int32, per ``block_m``-row tile its expert (-1: unused tile, skipped), the
+    first tile and the length of its expert's run (:func:`dsv_cuda.tilelang_moe.plan.tile_coords`);
     C [rows, N] in the output dtype.
     """
     why = key_unsupported(key)
@@ -60,6 +61,7 @@ def build_program(key: GemmKey) -> Any:
     N, K = key.n, key.k
     W = key.width
     KB, NB = K // BK, N // SCALE_BLOCK
+    NT = N // BN
     out = key.out_dtype
     swiglu = key.swiglu
     # Columns [0, 128) and [128, 256) of a 256-wide plain tile use two weight-scale blocks; a SwiGLU tile's
@@ -80,7 +82,7 @@ def build_program(key: GemmKey) -> Any:
         SB: T.Tensor((E, NB, KB), ACC),  # type: ignore[valid-type]
         B2: T.Tensor((E, N, K), FP8),  # type: ignore[valid-type]
         SB2: T.Tensor((E, NB, KB), ACC),  # type: ignore[valid-type]
-        TileExpert: T.Tensor((tiles,), "int32"),  # type: ignore[valid-type]
+        TileMap: T.Tensor((3, tiles), "int32"),  # type: ignore[valid-type]
         C: T.Tensor((rows, N), out),  # type: ignore[valid-type]
     ):
         with T.Kernel(N // BN, T.ceildiv(rows, BM), threads=key.threads) as (bx, by):
@@ -96,9 +98,14 @@ def build_program(key: GemmKey) -> Any:
                 total_hi = T.alloc_fragment((BM, PN), ACC)
                 T.clear(total_hi)
 
-            e = TileExpert[by]
-            m0 = by * BM
-            n0 = bx * BN
+            # Block (bx, by) runs the (by * NT + bx)-th tile of plan.tile_coords' order.
+            t = by * NT + bx
+            run0 = TileMap[1, t // NT]
+            local = t - run0 * NT
+            mt = run0 + local % TileMap[2, t // NT]
+            e = TileMap[0, mt]
+            m0 = mt * BM
+            n0 = (local // TileMap[2, t // NT]) * BN
             T.clear(part)
             T.clear(total)
             # An unused tile (past the last expert's padded run) runs no K step and stores only zeros into
@@ -157,7 +164,13 @@ def compiled(key: GemmKey) -> Any:
     """The compiled kernel for ``key`` (compiled once per process and key; TileLang also caches on disk)."""
     kernel = _COMPILED.get(key)
     if kernel is None:
-        kernel = tilelang.compile(build_program(key), target="cuda")
+        if key.schedule == "persistent":
+            from dsv_cuda.tilelang_moe import persistent_kernel
+
+            program, configs = persistent_kernel.build_program(key), persistent_kernel.PASS_CONFIGS
+        else:
+            program, configs = build_program(key), None
+        kernel = tilelang.compile(program, target="cuda", pass_configs=configs)
         with _LOCK:
             kernel = _COMPILED.setdefault(key, kernel)
     return kernel

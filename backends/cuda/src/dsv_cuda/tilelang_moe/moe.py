@@ -15,12 +15,13 @@ steps around them are dsv's Triton kernels or plain torch:
 Everything here except :func:`_run_kernel` and the Triton launches runs on the CPU, where the tests drive the
 whole pipeline through :func:`emulate_gemm`, a torch statement of what the kernel computes.
 
-Measured on an H200 (benchmarks/kernels.py --only fused_moe: V3.2's 256 experts, top-8, hidden 7168, inter
-2048; useful TFLOPS, padding rows not counted; dsv's Triton kernel in brackets): 16K routed rows 363 (303),
-32K 484 (374), 65K 543 (401); another lease's run of backends/cuda/scripts/tilelang_moe_check.py gave
-370 (300), 500 (375), 603 (422). The two GEMMs take ~97% of the time; with 128-row tiles the padding of each
-expert's run adds 100% / 51% / 24% rows at 16K / 32K / 65K rows (64-row tiles: 48% / 26% / 12%). At 512
-routed rows (T64) the op takes 2.67 ms against Triton's 2.50.
+Measured on an H200 (V3.2's 256 experts, top-8, hidden 7168, inter 2048; useful TFLOPS, padding rows not
+counted; dsv's Triton kernel in brackets), seventh session, backends/cuda/scripts/tilelang_moe_check.py:
+16K routed rows 380 (307), 32K 500 (384), 65K 669 (426); at 65K the default against the automatic schedule
+for both GEMMs, rounds alternating in one process (tilelang_moe_ab.py): 658 against 641 (medians of 4). The
+GPU runs at its power cap there, so single runs vary by up to 15%. The GEMMs take ~90% of the time; with
+128-row tiles the padding of each expert's run adds 100% / 51% / 24% rows at 16K / 32K / 65K rows (64-row
+tiles: 48% / 26% / 12%). At 512 routed rows (T64) the op took 2.67 ms against Triton's 2.50.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ TORCH_DTYPES = {name: dtype for dtype, name in OUT_DTYPES.items()}
 #: was not measured). It also keeps decode batches on the kernel whose CUDA-graph capture is tested.
 TRITON_BELOW_ROWS = 4096
 
-#: A grouped GEMM launch: (key, A, SA, B, SB, B2, SB2, tile_expert, C) -> None, writing C.
+#: A grouped GEMM launch: (key, A, SA, B, SB, B2, SB2, tile_map, C) -> None, writing C.
 GemmFn = Callable[..., None]
 
 
@@ -61,12 +62,20 @@ class Layout:
         token: [P] int64, the token each padded row reads (padding rows read token 0; their outputs are never
             used).
         dest: [T * top_k] int64, the padded row of each (token, slot) pair (flat index ``t * top_k + j``).
-        tile_expert: [P / block_m] int32, the expert of each tile; -1 for tiles past the last used row.
+        tile_map: [3, P / block_m] int32: per tile its expert (-1 for tiles past the last used row), the
+            first tile and the length in tiles of that expert's run (an unused tile: itself and 1). The
+            kernels order their tiles by rows 1-2 (:func:`dsv_cuda.tilelang_moe.plan.tile_coords`: an
+            expert's M tiles side by side, so each weight tile is read from DRAM about once).
     """
 
     token: torch.Tensor
     dest: torch.Tensor
-    tile_expert: torch.Tensor
+    tile_map: torch.Tensor
+
+    @property
+    def tile_expert(self) -> torch.Tensor:
+        """[P / block_m] int32: the expert of each tile (-1: unused)."""
+        return self.tile_map[0]
 
     @property
     def rows(self) -> int:
@@ -83,9 +92,15 @@ def expert_layout(ids: torch.Tensor, num_experts: int, block_m: int) -> Layout:
     pair_dest = torch.empty_like(dest)
     pair_dest[order] = dest
     starts = torch.arange(0, total, block_m, device=ids.device)
-    tile_expert = torch.searchsorted(ends, starts, right=True)
-    tile_expert = torch.where(tile_expert < num_experts, tile_expert, -1).to(torch.int32)
-    return Layout(token=token, dest=pair_dest, tile_expert=tile_expert)
+    expert = torch.searchsorted(ends, starts, right=True)
+    used = expert < num_experts
+    e = expert.clamp(max=num_experts - 1)
+    begin = torch.cat([ends.new_zeros(1), ends[:-1]])  # each expert's first padded row
+    own = torch.arange(expert.numel(), device=ids.device)
+    run_start = torch.where(used, begin[e] // block_m, own)
+    run_len = torch.where(used, (ends[e] - begin[e]) // block_m, 1)
+    tile_map = torch.stack([torch.where(used, expert, -1), run_start, run_len]).to(torch.int32)
+    return Layout(token=token, dest=pair_dest, tile_map=tile_map)
 
 
 def unsupported(x: torch.Tensor, experts: ExpertWeights) -> str:
@@ -116,7 +131,8 @@ def gemm_keys(x: torch.Tensor, experts: ExpertWeights, tiles: Tiles) -> tuple[Ge
     """(gate/up key, down key) of a call; :class:`KernelUnavailable` when the tiles do not fit the widths."""
     inter, hidden = experts.w1.shape[1:]
     out = OUT_DTYPES[x.dtype]
-    keys = (gemm_key(inter, hidden, True, out, tiles), gemm_key(hidden, inter, False, out, tiles))
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+    keys = (gemm_key(inter, hidden, True, out, tiles, sms), gemm_key(hidden, inter, False, out, tiles, sms))
     for key in keys:
         why = key_unsupported(key)
         if why:
@@ -167,11 +183,11 @@ def emulate_gemm(
     sb: torch.Tensor,
     b2: torch.Tensor,
     sb2: torch.Tensor,
-    tile_expert: torch.Tensor,
+    tile_map: torch.Tensor,
     c: torch.Tensor,
 ) -> None:
     """What the compiled kernel computes, in torch (fp32 products of the dequantized operands): the CPU tests
-    run the whole pipeline with it. Unused tiles (-1) get zeros, as the kernel stores for them."""
+    run the whole pipeline with it. Unused tiles (-1) get zeros, as the kernels store for them."""
     bm = key.block_m
     kb = a.shape[1] // SCALE_BLOCK
     out = TORCH_DTYPES[key.out_dtype]
@@ -182,7 +198,7 @@ def emulate_gemm(
         blocks = w[e].float().view(n // SCALE_BLOCK, SCALE_BLOCK, kb, SCALE_BLOCK)
         return (blocks * s[e][:, None, :, None]).view(n, -1)
 
-    for tile, e in enumerate(tile_expert.tolist()):
+    for tile, e in enumerate(tile_map[0].tolist()):
         rows = slice(tile * bm, (tile + 1) * bm)
         if e < 0:
             c[rows] = 0
@@ -241,7 +257,7 @@ def fused_moe(
         from dsv.kernels.triton.fused_moe import fused_moe as triton_fused_moe
 
         return triton_fused_moe(x, weights, ids, experts)
-    tiles = tiles or tiles_for(t * top_k, hidden)
+    tiles = tiles or tiles_for(t * top_k, hidden, OUT_DTYPES[x.dtype])
     gate_up, down = gemm_keys(x, experts, tiles)
     run = gemm or _run_kernel
     layout = expert_layout(ids, experts.num_experts, tiles.block_m)
@@ -252,9 +268,9 @@ def fused_moe(
     h = torch.empty(p, experts.w1.shape[1], dtype=x.dtype, device=x.device)
     w1s, w3s, w2s = (s.float().contiguous() for s in (experts.w1_scale, experts.w3_scale, experts.w2_scale))
     w1, w3, w2 = (w.contiguous() for w in (experts.w1, experts.w3, experts.w2))
-    run(gate_up, a, sa, w1, w1s, w3, w3s, layout.tile_expert, h)
+    run(gate_up, a, sa, w1, w1s, w3, w3s, layout.tile_map, h)
     hq, hs = _act_quant(h, experts)
     y = torch.empty(p, hidden, dtype=x.dtype, device=x.device)
     # The down GEMM has no second weight: B2 / SB2 repeat B / SB (the program does not read them).
-    run(down, hq, _scales_t(hs), w2, w2s, w2, w2s, layout.tile_expert, y)
+    run(down, hq, _scales_t(hs), w2, w2s, w2, w2s, layout.tile_map, y)
     return combine(y, layout.dest, weights, x.dtype)

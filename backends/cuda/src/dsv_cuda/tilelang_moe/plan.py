@@ -20,6 +20,8 @@ SCALE_BLOCK = 128
 WGMMA_M = 64
 #: Threads of one warpgroup.
 WARPGROUP = 128
+#: Shared memory one sm_90 block may use (227 KB), less 1 KB for the pipeline's barriers.
+SMEM_BYTES = 226 * 1024
 #: TileLang names of the output dtypes (x's dtype).
 OUT_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -37,9 +39,13 @@ class Tiles:
         threads: consumer threads per block, 128 or 256 (one or two warpgroups; they split the tile's rows
             when it has 64 per warpgroup, else its columns); TileLang's warp specialization adds one producer
             warpgroup.
+        gate_up_schedule, down_schedule: each GEMM's "auto" (TileLang's automatic pipeline, one tile per
+            block) or "persistent" (one block per SM looping over 128 x 128 tiles, promotion overlapping the
+            MMAs; see :class:`GemmKey`).
 
-    The defaults (128 x 256 tiles, 4 stages) were the fastest at 32K and 65K routed rows on an H200 (issue #7's
-    V3.2 shapes); see :func:`tiles_for`.
+    The defaults (128 x 256 tiles, 4 stages, automatic schedule) were the fastest at 32K routed rows on an H200
+    (issue #7's V3.2 shapes); from 48K rows the gate/up GEMM runs the persistent schedule; see
+    :func:`tiles_for`.
     """
 
     block_m: int = 128
@@ -47,6 +53,8 @@ class Tiles:
     gate_up_block_n: int = 128
     num_stages: int = 4
     threads: int = 256
+    gate_up_schedule: str = "auto"
+    down_schedule: str = "auto"
 
 
 DEFAULT_TILES = Tiles()
@@ -68,6 +76,11 @@ class GemmKey:
     block_n: int = 128
     num_stages: int = 4
     threads: int = 256
+    #: "auto": TileLang's automatic warp specialization, one tile per block (:mod:`kernel`); "persistent": one
+    #: block per SM looping over tiles, hand-specialized, promotion overlapping the MMAs (:mod:`persistent_kernel`).
+    schedule: str = "auto"
+    #: Blocks of a persistent launch (the GPU's SM count); 0 for "auto".
+    blocks: int = 0
 
     @property
     def width(self) -> int:
@@ -86,8 +99,12 @@ class GemmKey:
         return self.block_m >= WGMMA_M * (self.threads // WARPGROUP)
 
 
-def gemm_key(n: int, k: int, swiglu: bool, out_dtype: str, tiles: Tiles = DEFAULT_TILES) -> GemmKey:
-    """The :class:`GemmKey` of one of the two GEMMs of a call with ``tiles``."""
+def gemm_key(
+    n: int, k: int, swiglu: bool, out_dtype: str, tiles: Tiles = DEFAULT_TILES, sms: int = 0
+) -> GemmKey:
+    """The :class:`GemmKey` of one of the two GEMMs of a call with ``tiles``; ``sms``: the GPU's SM count (the
+    block count of a persistent launch; ignored by the "auto" schedule)."""
+    schedule = tiles.gate_up_schedule if swiglu else tiles.down_schedule
     return GemmKey(
         n=n,
         k=k,
@@ -97,6 +114,8 @@ def gemm_key(n: int, k: int, swiglu: bool, out_dtype: str, tiles: Tiles = DEFAUL
         block_n=tiles.gate_up_block_n if swiglu else tiles.block_n,
         num_stages=tiles.num_stages,
         threads=tiles.threads,
+        schedule=schedule,
+        blocks=sms if schedule == "persistent" else 0,
     )
 
 
@@ -120,6 +139,33 @@ def key_unsupported(key: GemmKey) -> str:
         return f"a {key.width}-column tile does not split over {groups} warpgroups"
     if key.num_stages < 1:
         return f"num_stages must be >= 1, got {key.num_stages}"
+    if key.schedule == "persistent":
+        return _persistent_unsupported(key)
+    if key.schedule != "auto":
+        return f"schedule must be 'auto' or 'persistent', got {key.schedule!r}"
+    return ""
+
+
+def _persistent_unsupported(key: GemmKey) -> str:
+    if (key.block_m, key.threads, key.width) != (128, 256, 128):
+        return (
+            "the persistent schedule takes 128 x 128 tiles over two consumer warpgroups (block_m 128, threads "
+            f"256, block_n 128 or 64 for SwiGLU), got block_m {key.block_m}, threads {key.threads}, "
+            f"width {key.width}"
+        )
+    if key.blocks < 1:
+        return f"a persistent launch needs its block count (the SM count), got {key.blocks}"
+    out_bytes = 2 if key.out_dtype in ("bfloat16", "float16") else 4
+    stage = key.block_m * SCALE_BLOCK + key.width * SCALE_BLOCK + key.block_m * 4  # A, B (fp8), A scales
+    staging = key.block_m * key.width * out_bytes + (
+        key.block_m * key.block_n * out_bytes if key.swiglu else 0
+    )
+    smem = key.num_stages * stage + staging
+    if smem > SMEM_BYTES:
+        return (
+            f"{key.num_stages} stages and the {key.out_dtype} output staging need {smem} bytes of shared memory, "
+            f"more than the {SMEM_BYTES} an sm_90 block may have"
+        )
     return ""
 
 
@@ -128,15 +174,46 @@ def key_unsupported(key: GemmKey) -> str:
 #: experts average 128 rows or more. H200, V3.2 shapes (TFLOPS of the whole op, 64-row / 128-row tiles):
 #: 370 / 345 at 16K rows, 484 / 500 at 32K, 566 / 603 at 65K.
 LARGE_ROWS = 24576
+#: From this many routed rows on, the gate/up GEMM runs the persistent schedule (for 2-byte outputs: an fp32
+#: one's staging does not fit beside 4 stages). H200, 65K rows, the GEMM alone, medians of rounds alternating
+#: in one process (backends/cuda/scripts/tilelang_moe_ab.py): 766 / 716 TFLOPS against 726 / 700 for the
+#: automatic 128 x 256 tiles in two leases; at 32K rows 562-573 against 544-597, so not there. The down GEMM
+#: stays on the automatic schedule (678 / 664 against 621 / 613 at 65K).
+PERSISTENT_GATE_UP_ROWS = 49152
 
 
-def tiles_for(routed_rows: int, hidden: int = 7168) -> Tiles:
-    """Default tiles for ``routed_rows`` (tokens x top-k) and the model width ``hidden`` (the down GEMM's N):
-    128-row tiles from :data:`LARGE_ROWS` rows, 64-row tiles below (less padding per expert); 256-wide down
-    tiles where ``hidden`` allows, else 128."""
+def tiles_for(routed_rows: int, hidden: int = 7168, out_dtype: str = "bfloat16") -> Tiles:
+    """Default tiles for ``routed_rows`` (tokens x top-k), the model width ``hidden`` (the down GEMM's N) and
+    the output dtype: 128-row tiles from :data:`LARGE_ROWS` rows, 64-row tiles below (less padding per
+    expert); 256-wide down tiles where ``hidden`` allows, else 128; the persistent gate/up GEMM (64 h columns
+    per tile) from :data:`PERSISTENT_GATE_UP_ROWS` rows."""
     block_n = 256 if hidden % 256 == 0 else SCALE_BLOCK
     block_m = 128 if routed_rows >= LARGE_ROWS else 64
+    if routed_rows >= PERSISTENT_GATE_UP_ROWS and out_dtype in ("bfloat16", "float16"):
+        return Tiles(
+            block_m, block_n, gate_up_block_n=64, num_stages=4, threads=256, gate_up_schedule="persistent"
+        )
     return Tiles(block_m=block_m, block_n=block_n, gate_up_block_n=SCALE_BLOCK, num_stages=4, threads=256)
+
+
+def unroll_steps(k_blocks: int) -> int:
+    """K steps per unrolled iteration of the persistent kernel's consumer loop: the largest even divisor of
+    ``k_blocks`` up to 16 (one promotion in U waits for its own wgmma instead of overlapping the next one); 1
+    for an odd count."""
+    return max((u for u in range(2, 17, 2) if k_blocks % u == 0), default=1)
+
+
+def tile_coords(t: int, n_tiles: int, run_start: list[int], run_len: list[int]) -> tuple[int, int]:
+    """(M tile, N tile) of the ``t``-th tile a kernel runs (the kernels compute the same in TIR).
+
+    The M tiles of one expert's run ``[s, s + c)`` own the linear range ``[s * n_tiles, (s + c) * n_tiles)``;
+    inside it the run's M tiles go fastest, so the blocks in flight together read the same weight tile (each
+    of B's tiles then comes from DRAM about once, where N-fastest order re-read the weights of the experts
+    whose runs straddle two waves of blocks). ``run_start`` / ``run_len``: rows 1 and 2 of the tile map."""
+    q = t // n_tiles
+    s, c = run_start[q], run_len[q]
+    local = t - s * n_tiles
+    return s + local % c, local // c
 
 
 def padded_rows(routed_rows: int, experts: int, block_m: int) -> int:
