@@ -37,7 +37,7 @@ at every step.
 
 # No ``from __future__ import annotations`` here: TileLang evaluates the T.Tensor annotations of the
 # prim_func, which refer to this builder's local variables (string annotations would not resolve).
-from typing import Any
+from typing import Any, NamedTuple
 
 import tilelang
 import tilelang.language as T
@@ -54,6 +54,27 @@ ROWS = 64
 #: The epilogue's stores: plain 16-byte stores of each warpgroup's own 64 rows (a TMA store needs the
 #: whole swizzled tile).
 _NO_TMA = {"disable_tma": True}
+
+
+class _Block(NamedTuple):
+    """What the consumer macros share within one block: its index, shared buffers, barriers, per-thread
+    registers and the kernel's tensors (one argument instead of fifteen)."""
+
+    bid: Any
+    a_s: Any
+    b_s: Any
+    sa_s: Any
+    c_s: Any
+    h_s: Any
+    full: Any
+    empty: Any
+    cnt: Any
+    ev: Any
+    scl: Any
+    C: Any
+    TileMap: Any
+    SB: Any
+    SB2: Any
 
 
 def build_program(key: GemmKey) -> Any:
@@ -95,17 +116,17 @@ def build_program(key: GemmKey) -> Any:
             )
 
     @T.macro
-    def mma_step(
-        k, prev, e, n0, part, other, mine, theirs, total, a_s, b_s, sa_s, full, empty, cnt, scl, r0, SB, SB2
-    ):
+    def mma_step(b, k, prev, part, other, mine, theirs, total, r0):
         """Issue K step k's wgmma into ``part``; if ``prev`` (step k - 1's wgmma, into ``other``, is in flight),
         promote step k - 1 once it has finished and free its stage. ``mine`` / ``theirs``: the slots of the
-        two partials' weight scales in ``scl``."""
+        two partials' weight scales in ``b.scl``; ``b``: the block's :class:`_Block`."""
+        a_s, b_s, sa_s, full, empty, cnt, scl = b.a_s, b.b_s, b.sa_s, b.full, b.empty, b.cnt, b.scl
+        e, n0 = b.ev[0], b.ev[2]
         c = cnt[0] + k
         s = c % S
-        scl[mine] = SB[e, n0 // SCALE_BLOCK, k]
+        scl[mine] = b.SB[e, n0 // SCALE_BLOCK, k]
         if swiglu:
-            scl[mine + 1] = SB2[e, n0 // SCALE_BLOCK, k]
+            scl[mine + 1] = b.SB2[e, n0 // SCALE_BLOCK, k]
         else:
             scl[mine + 1] = scl[mine]
         T.barrier_wait(full[s], (c // S) % 2)
@@ -117,17 +138,15 @@ def build_program(key: GemmKey) -> Any:
             T.barrier_arrive(empty[ps])
 
     @T.macro
-    def consumer(
-        bid, r0, total, p0, p1, a_s, b_s, sa_s, c_s, h_s, full, empty, cnt, ev, scl, C, TileMap, SB, SB2
-    ):
-        """One consumer warpgroup (rows r0 .. r0 + 63 of every tile of this block)."""
+    def consumer(b, r0, total, p0, p1):
+        """One consumer warpgroup: rows r0 .. r0 + 63 of every tile of block ``b`` (a :class:`_Block`)."""
         T.set_max_nreg(NREG_CONSUMER, 1)
-        total_tiles = T.ceildiv(C.shape[0], BM) * NT
+        total_tiles = T.ceildiv(b.C.shape[0], BM) * NT
         for it in T.serial(T.ceildiv(total_tiles, G)):
-            t = bid + it * G
+            t = b.bid + it * G
             if t < total_tiles:
-                tile_of(t, ev, TileMap)
-                e, mt, n0 = ev[0], ev[1], ev[2]
+                tile_of(t, b.ev, b.TileMap)
+                e, mt, n0 = b.ev[0], b.ev[1], b.ev[2]
                 steps = T.if_then_else(e >= 0, KB, 0)
                 T.clear(total)
                 # U steps per iteration, unrolled: ptxas serializes every wgmma of the kernel when one is
@@ -135,78 +154,18 @@ def build_program(key: GemmKey) -> Any:
                 for kb in T.serial(steps // U):
                     if U == 1:
                         # An odd number of K steps (U == 1): no overlap, each step waits for its own wgmma.
-                        mma_step(
-                            kb,
-                            False,
-                            e,
-                            n0,
-                            p0,
-                            p1,
-                            0,
-                            2,
-                            total,
-                            a_s,
-                            b_s,
-                            sa_s,
-                            full,
-                            empty,
-                            cnt,
-                            scl,
-                            r0,
-                            SB,
-                            SB2,
-                        )
+                        mma_step(b, kb, False, p0, p1, 0, 2, total, r0)
                     else:
                         for j in T.unroll(U // 2, explicit=True):
-                            k = kb * U + j * 2
-                            mma_step(
-                                k,
-                                j > 0,
-                                e,
-                                n0,
-                                p0,
-                                p1,
-                                0,
-                                2,
-                                total,
-                                a_s,
-                                b_s,
-                                sa_s,
-                                full,
-                                empty,
-                                cnt,
-                                scl,
-                                r0,
-                                SB,
-                                SB2,
-                            )
-                            mma_step(
-                                k + 1,
-                                True,
-                                e,
-                                n0,
-                                p1,
-                                p0,
-                                2,
-                                0,
-                                total,
-                                a_s,
-                                b_s,
-                                sa_s,
-                                full,
-                                empty,
-                                cnt,
-                                scl,
-                                r0,
-                                SB,
-                                SB2,
-                            )
+                            mma_step(b, kb * U + j * 2, j > 0, p0, p1, 0, 2, total, r0)
+                            mma_step(b, kb * U + j * 2 + 1, True, p1, p0, 2, 0, total, r0)
                     T.wait_wgmma(0)
-                    ls = (cnt[0] + kb * U + U - 1) % S
-                    promote(total, p0 if U == 1 else p1, sa_s, ls, r0, scl, 0 if U == 1 else 2)
-                    T.barrier_arrive(empty[ls])
-                cnt[0] = cnt[0] + steps
+                    ls = (b.cnt[0] + kb * U + U - 1) % S
+                    promote(total, p0 if U == 1 else p1, b.sa_s, ls, r0, b.scl, 0 if U == 1 else 2)
+                    T.barrier_arrive(b.empty[ls])
+                b.cnt[0] = b.cnt[0] + steps
                 # Epilogue: round through shared memory and store this warpgroup's 64 rows.
+                c_s, h_s, C = b.c_s, b.h_s, b.C
                 T.copy(total, c_s[r0 : r0 + ROWS, :])
                 m0 = mt * BM + r0
                 if swiglu:
@@ -253,50 +212,11 @@ def build_program(key: GemmKey) -> Any:
                 T.annotate_layout({h_s: make_swizzled_layout(h_s)})
             tx = T.get_thread_binding()
             cnt[0] = 0
+            blk = _Block(bid, a_s, b_s, sa_s, c_s, h_s, full, empty, cnt, ev, scl, C, TileMap, SB, SB2)
             if tx < 128:
-                consumer(
-                    bid,
-                    0,
-                    total0,
-                    p00,
-                    p01,
-                    a_s,
-                    b_s,
-                    sa_s,
-                    c_s,
-                    h_s,
-                    full,
-                    empty,
-                    cnt,
-                    ev,
-                    scl,
-                    C,
-                    TileMap,
-                    SB,
-                    SB2,
-                )
+                consumer(blk, 0, total0, p00, p01)
             elif tx < 256:
-                consumer(
-                    bid,
-                    ROWS,
-                    total1,
-                    p10,
-                    p11,
-                    a_s,
-                    b_s,
-                    sa_s,
-                    c_s,
-                    h_s,
-                    full,
-                    empty,
-                    cnt,
-                    ev,
-                    scl,
-                    C,
-                    TileMap,
-                    SB,
-                    SB2,
-                )
+                consumer(blk, ROWS, total1, p10, p11)
             else:
                 T.set_max_nreg(NREG_PRODUCER, 0)
                 total_tiles = T.ceildiv(rows, BM) * NT
