@@ -49,6 +49,15 @@ TILES = [
     Tiles(block_m=64, block_n=256, gate_up_block_n=128, num_stages=4, threads=256),
     Tiles(block_m=64, block_n=128, gate_up_block_n=64, num_stages=3, threads=128),
     Tiles(block_m=128, block_n=128, gate_up_block_n=64, num_stages=4, threads=256),
+    Tiles(
+        block_m=128,
+        block_n=128,
+        gate_up_block_n=64,
+        num_stages=3,
+        threads=256,
+        gate_up_schedule="persistent",
+        down_schedule="persistent",
+    ),  # fmt: skip
 ]
 #: Reference tolerances as a fraction of max |ref| (tests/test_triton_linear_moe.py's interpreter ones): the
 #: emulation computes the reference's fp32 products, so only the summation order differs; bf16 outputs may
@@ -89,7 +98,10 @@ def test_default_tiles_by_routed_rows():
         64,
         256,
     )
-    assert tiles_for(65536, out_dtype="float32").gate_up_schedule == "auto"  # fp32 staging would not fit
+    assert tiles_for(PERSISTENT_GATE_UP_ROWS).gate_up_schedule == "persistent"
+    assert tiles_for(PERSISTENT_GATE_UP_ROWS, out_dtype="float16").gate_up_schedule == "persistent"
+    assert tiles_for(65536, out_dtype="float32").gate_up_schedule == "auto"  # not measured for fp32 outputs
+    assert tiles_for(65536, hidden=384).block_n == 128
     for rows in (1, LARGE_ROWS - 1, LARGE_ROWS, 65536):
         t = tiles_for(rows)
         for key in (
@@ -115,7 +127,18 @@ def test_persistent_keys_need_128x128_tiles_the_sm_count_and_room_in_shared_memo
         gemm_key(2048, 7168, True, "float32", replace(p, num_stages=5), 132)
     )
     assert "schedule must be" in key_unsupported(replace(gu, schedule="eager"))
+    # One stage would deadlock (a consumer waits for step k's data before freeing step k - 1's stage).
+    assert "num_stages >= 2" in key_unsupported(replace(gu, num_stages=1))
+    auto = gemm_key(2048, 7168, True, "bfloat16", DEFAULT_TILES, sms=132)
+    assert (auto.schedule, auto.blocks) == ("auto", 0)  # the SM count does not split the auto kernels' cache
     assert unroll_steps(56) == 14 and unroll_steps(16) == 16 and unroll_steps(1) == 1 and unroll_steps(6) == 6
+
+
+def test_unroll_steps_divides_the_k_steps_into_even_blocks_of_at_most_16():
+    for kb in range(1, 129):
+        u = unroll_steps(kb)
+        assert kb % u == 0 and u <= 16 and (u % 2 == 0 or (u == 1 and kb % 2 == 1))
+        assert u == max(d for d in range(1, 17) if kb % d == 0 and (d % 2 == 0 or d == 1))
 
 
 def test_wide_tiles_split_into_two_mma_halves():
@@ -204,7 +227,9 @@ def test_layout_groups_pads_and_inverts(block_m: int):
 # ----- the pipeline around the kernel, against the reference -----
 
 
-@pytest.mark.parametrize("tiles", TILES, ids=["m128-halves", "m64-wide", "m64-one-warpgroup", "m128-narrow"])
+@pytest.mark.parametrize(
+    "tiles", TILES, ids=["m128-halves", "m64-wide", "m64-one-warpgroup", "m128-narrow", "m128-persistent"]
+)
 @pytest.mark.parametrize(
     "t,e,k,d,inter,dtype,fmt,unused",
     [
@@ -216,7 +241,7 @@ def test_layout_groups_pads_and_inverts(block_m: int):
     ],
 )
 def test_pipeline_matches_reference(t, e, k, d, inter, dtype, fmt, unused, tiles):
-    if key_unsupported(gemm_key(d, inter, False, "float32", tiles)):
+    if key_unsupported(gemm_key(d, inter, False, "float32", tiles, sms=132)):
         pytest.skip("tile wider than this shape's hidden width")
     ex = _experts(e, d, inter, fmt, seed=t)
     w, ids = _routing(t, e, k, seed=t + 1, unused=unused)
@@ -347,14 +372,17 @@ def test_importing_the_package_imports_neither_tilelang_nor_triton():
 def test_program_builds_where_tilelang_is_installed():
     """Builds (does not compile) the TileLang program for both GEMMs where tilelang is importable."""
     pytest.importorskip("tilelang")
-    from dsv_cuda.tilelang_moe.kernel import build_program
+    from dsv_cuda.tilelang_moe import kernel, persistent_kernel
 
     for tiles in TILES:
-        for key in (
-            gemm_key(2048, 7168, True, "bfloat16", tiles),
-            gemm_key(7168, 2048, False, "bfloat16", tiles),
-        ):
-            assert build_program(key) is not None
+        # (inter, hidden) 2048 x 7168 and 128 x 384: even and odd K-step counts (both unroll paths).
+        for inter, hidden in ((2048, 7168), (128, 384)):
+            for key in (
+                gemm_key(inter, hidden, True, "bfloat16", tiles, sms=132),
+                gemm_key(hidden, inter, False, "bfloat16", tiles, sms=132),
+            ):
+                build = persistent_kernel if key.schedule == "persistent" else kernel
+                assert build.build_program(key) is not None
 
 
 def test_decode_sized_batches_run_the_triton_kernel(monkeypatch):

@@ -7,7 +7,7 @@ Separate runs of tilelang_moe_check.py on fresh leases of the H200 differed by u
 kernel, so kernel variants are compared here round by round on the same inputs. Variants (each one the
 gate/up and the down GEMM of V3.2's routed experts, 256 x top-8, hidden 7168, inter 2048):
 
-* ``auto``: both GEMMs with TileLang's automatic pipeline, 128 x 256 tiles (the default below 48K rows);
+* ``auto``: both GEMMs with TileLang's automatic pipeline, 128 x 256 tiles (the default from 24K to 48K rows);
 * ``persistent``: both with :mod:`dsv_cuda.tilelang_moe.persistent_kernel` (128 x 128 tiles);
 * ``default``: :func:`dsv_cuda.tilelang_moe.plan.tiles_for` the row count.
 

@@ -2,7 +2,11 @@
 """Check dsv's TileLang fused MoE on the GPU against the torch reference and dsv's Triton kernel, then time it.
 
     python backends/cuda/scripts/tilelang_moe_check.py [--out result.json] [--sizes 2048,4096,8192]
-        [--configs m128n128g64s4t256,...] [--no-bench] [--budget-s 240]
+        [--configs m128n128g64s4t256,m128n256g64s4t256-pg,...] [--no-bench] [--budget-s 240] [--profile]
+
+A config names the tiles (``plan.Tiles``): m<block_m>n<block_n>g<gate_up_block_n>s<stages>t<threads>, then
+``-pg`` / ``-pd`` for the persistent schedule of the gate/up / down GEMM. ``--profile`` only runs the default
+and each config once inside a CUDA profiler range, for ``ncu --profile-from-start off``.
 
 Steps (each one recorded in the JSON, which is rewritten after every step, so a run cut short keeps its
 results):
@@ -315,10 +319,13 @@ def main() -> int:
     ap.add_argument(
         "--configs",
         default="m64n256g128s4t256,m128n256g128s4t256,m128n128g64s4t256",
-        help="tile configs of the large cases, besides the default: m<block_m>n<block_n>g<gate_up>s<stages>t<threads>",
+        help="tile configs of the large cases, besides the default: "
+        "m<block_m>n<block_n>g<gate_up>s<stages>t<threads>[-pg][-pd] (-pg/-pd: persistent gate/up / down GEMM)",
     )
     ap.add_argument(
-        "--small-configs", default="", help="tile configs of the small cases (default: the default tiles)"
+        "--small-configs",
+        default="",
+        help="tile configs of the small cases (default: the default tiles and m128n128g64s3t256-pg-pd)",
     )
     ap.add_argument("--no-bench", action="store_true", help="correctness only")
     ap.add_argument(
@@ -339,7 +346,10 @@ def main() -> int:
         {"torch": torch.__version__, "tilelang": tilelang.__version__, "gpu": torch.cuda.get_device_name()},
     )
     configs = [parse_config(c) for c in args.configs.split(",") if c]
-    small_tiles = [parse_config(c) for c in args.small_configs.split(",") if c] or [tiles_for(1, 256)]
+    small_tiles = [parse_config(c) for c in args.small_configs.split(",") if c] or [
+        tiles_for(1, 256),
+        parse_config("m128n128g64s3t256-pg-pd"),  # the persistent program, odd K-step counts included
+    ]
     sizes = [int(s) for s in args.sizes.split(",") if s]
     try:
         step_compile(

@@ -26,10 +26,11 @@ and each iteration drains its last step (one promotion in 14 or 16 waits for its
 
 Measured on the H200 (V3.2's experts at 65K routed rows, backends/cuda/scripts/tilelang_moe_ab.py, rounds
 alternating in one process; the GPU sits at its power cap, 600-670 W and 1.26-1.9 GHz, so single runs vary by
-up to 15%): the gate/up GEMM 716-766 TFLOPS against 700-756 for :mod:`kernel`'s 128 x 256 tiles, the down
-GEMM 613-640 against 664-686. It serves the gate/up GEMM from
-:data:`~dsv_cuda.tilelang_moe.plan.PERSISTENT_GATE_UP_ROWS` rows. Under Nsight Compute's locked clocks its
-gate/up GEMM took 4.96 ms against 5.81, at 82% of L2 bandwidth. Tried and dropped: a consumer whose 64 rows
+up to 15%): the gate/up GEMM within noise of :mod:`kernel`'s 128 x 256 tiles (716-766 against 700-756 TFLOPS
+in four leases), the down GEMM slower (613-643 against 664-686); the whole op with this gate/up GEMM 658
+against 641 (see :data:`~dsv_cuda.tilelang_moe.plan.PERSISTENT_GATE_UP_ROWS`, from which it serves the
+gate/up GEMM). Under Nsight Compute's locked clocks its gate/up GEMM took 4.96 ms against 5.81, at 82% of L2
+bandwidth. Tried and dropped: a consumer whose 64 rows
 of a tile are all padding skipping its MMAs (the last tile of about half the experts) made the gate/up GEMM
 slower, 558-612 TFLOPS against 716-766, whether the skipping warpgroup ran ahead or waited for its partner
 at every step.
@@ -192,7 +193,7 @@ def build_program(key: GemmKey) -> Any:
             b_s = T.alloc_shared((S, W, BK), FP8)
             sa_s = T.alloc_shared((S, BM), ACC)
             c_s = T.alloc_shared((BM, W), out)
-            h_s = T.alloc_shared((BM, BN if swiglu else 8), out)
+            h_s = T.alloc_shared((BM, BN), out) if swiglu else None
             # full: the producer's 128 threads arrive (one of them with the TMA byte count); empty: both
             # consumers' 256 threads.
             full = T.alloc_barrier([128] * S)

@@ -5,8 +5,10 @@ Pure Python (no torch, no tilelang): the torch side (:mod:`dsv_cuda.tilelang_moe
 
 Layout ("m-grouped contiguous", as DeepGEMM calls it): the routed rows are sorted by expert and each expert's
 run is padded to a multiple of ``block_m``, so that every ``block_m``-row tile of A belongs to one expert, named
-by a per-tile expert id (-1: an unused tile past the last expert's run, skipped by the kernel). A and B tiles
-are then plain rectangles of contiguous tensors, which TileLang loads with TMA in a warp-specialized pipeline.
+by a tile map (per tile: the expert, -1 for an unused tile past the last expert's run, skipped by the kernel;
+the first tile and length of the expert's run, which set the order the kernels run tiles in, see
+:func:`tile_coords`). A and B tiles are then plain rectangles of contiguous tensors, which TileLang loads with
+TMA in a warp-specialized pipeline.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class Tiles:
             MMAs; see :class:`GemmKey`).
 
     The defaults (128 x 256 tiles, 4 stages, automatic schedule) were the fastest at 32K routed rows on an H200
-    (issue #7's V3.2 shapes); from 48K rows the gate/up GEMM runs the persistent schedule; see
-    :func:`tiles_for`.
+    (issue #7's V3.2 shapes); from 48K rows the gate/up GEMM runs the persistent schedule (bf16 / fp16
+    outputs); see :func:`tiles_for`.
     """
 
     block_m: int = 128
@@ -155,6 +157,9 @@ def _persistent_unsupported(key: GemmKey) -> str:
         )
     if key.blocks < 1:
         return f"a persistent launch needs its block count (the SM count), got {key.blocks}"
+    if key.num_stages < 2:
+        # A consumer waits for step k's data before it frees step k - 1's stage: with one stage that deadlocks.
+        return f"the persistent schedule needs num_stages >= 2, got {key.num_stages}"
     out_bytes = 2 if key.out_dtype in ("bfloat16", "float16") else 4
     stage = key.block_m * SCALE_BLOCK + key.width * SCALE_BLOCK + key.block_m * 4  # A, B (fp8), A scales
     staging = key.block_m * key.width * out_bytes + (
@@ -174,11 +179,13 @@ def _persistent_unsupported(key: GemmKey) -> str:
 #: experts average 128 rows or more. H200, V3.2 shapes (TFLOPS of the whole op, 64-row / 128-row tiles):
 #: 370 / 345 at 16K rows, 484 / 500 at 32K, 566 / 603 at 65K.
 LARGE_ROWS = 24576
-#: From this many routed rows on, the gate/up GEMM runs the persistent schedule (for 2-byte outputs: an fp32
-#: one's staging does not fit beside 4 stages). H200, 65K rows, the GEMM alone, medians of rounds alternating
-#: in one process (backends/cuda/scripts/tilelang_moe_ab.py): 766 / 716 TFLOPS against 726 / 700 for the
-#: automatic 128 x 256 tiles in two leases; at 32K rows 562-573 against 544-597, so not there. The down GEMM
-#: stays on the automatic schedule (678 / 664 against 621 / 613 at 65K).
+#: From this many routed rows on, the gate/up GEMM runs the persistent schedule (bf16 / fp16 outputs only:
+#: fp32 ones were not measured, and their staging would fill shared memory to the last byte). H200, 65K rows,
+#: medians of rounds alternating in one process (backends/cuda/scripts/tilelang_moe_ab.py): the whole op 658
+#: TFLOPS against 641 with the automatic schedule for both GEMMs (faster in each of 4 rounds); the gate/up
+#: GEMM alone within noise of the automatic one in four leases (766 / 716 / 763 / 726 against 726 / 700 / 756
+#: / 747). At 32K rows the GEMM alone measured 562-573 against 544-597, so not there. The down GEMM stays on
+#: the automatic schedule (664-686 against 613-643 persistent).
 PERSISTENT_GATE_UP_ROWS = 49152
 
 
