@@ -413,7 +413,9 @@ def test_tile_order_covers_every_tile_once_expert_runs_together(block_m: int) ->
     lay = tl_moe.expert_layout(ids, 16, block_m)
     _, start, length = lay.tile_map.tolist()
     n_tiles = 3
-    order = [tile_coords(t, n_tiles, start, length) for t in range(len(start) * n_tiles)]
+    order = [
+        tile_coords(t, n_tiles, start.__getitem__, length.__getitem__) for t in range(len(start) * n_tiles)
+    ]
     assert sorted(order) == [(m, n) for m in range(len(start)) for n in range(n_tiles)]
     experts = lay.tile_expert.tolist()
     seen = [experts[m] for m, _ in order]

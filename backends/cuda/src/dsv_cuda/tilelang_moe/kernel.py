@@ -29,7 +29,7 @@ from typing import Any
 import tilelang
 import tilelang.language as T
 
-from dsv_cuda.tilelang_moe.plan import SCALE_BLOCK, GemmKey, key_unsupported
+from dsv_cuda.tilelang_moe.plan import SCALE_BLOCK, GemmKey, key_unsupported, tile_coords
 
 FP8 = "float8_e4m3fn"
 ACC = "float32"
@@ -39,6 +39,12 @@ def _dynamic(name: str, dtype: str = "int32") -> Any:
     # T.dynamic replaced T.symbolic in newer TileLang releases; accept both.
     make = getattr(T, "dynamic", None) or T.symbolic
     return make(name, dtype)
+
+
+def tile_of(tile_map: Any, t: Any, n_tiles: int) -> tuple[Any, Any]:
+    """(M tile, N tile) of the ``t``-th tile: :func:`~dsv_cuda.tilelang_moe.plan.tile_coords` over a TileMap
+    buffer [3, tiles] (both programs run their tiles in this order)."""
+    return tile_coords(t, n_tiles, lambda q: tile_map[1, q], lambda q: tile_map[2, q])
 
 
 def build_program(key: GemmKey) -> Any:
@@ -99,13 +105,10 @@ def build_program(key: GemmKey) -> Any:
                 T.clear(total_hi)
 
             # Block (bx, by) runs the (by * NT + bx)-th tile of plan.tile_coords' order.
-            t = by * NT + bx
-            run0 = TileMap[1, t // NT]
-            local = t - run0 * NT
-            mt = run0 + local % TileMap[2, t // NT]
+            mt, nt = tile_of(TileMap, by * NT + bx, NT)
             e = TileMap[0, mt]
             m0 = mt * BM
-            n0 = (local // TileMap[2, t // NT]) * BN
+            n0 = nt * BN
             T.clear(part)
             T.clear(total)
             # An unused tile (past the last expert's padded run) runs no K step and stores only zeros into

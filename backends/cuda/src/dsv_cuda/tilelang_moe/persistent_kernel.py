@@ -44,7 +44,7 @@ import tilelang
 import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
 
-from dsv_cuda.tilelang_moe.kernel import ACC, FP8, _dynamic
+from dsv_cuda.tilelang_moe.kernel import ACC, FP8, _dynamic, tile_of
 from dsv_cuda.tilelang_moe.plan import SCALE_BLOCK, GemmKey, key_unsupported, unroll_steps
 
 PASS_CONFIGS = {tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: True}
@@ -99,13 +99,12 @@ def build_program(key: GemmKey) -> Any:
     U = unroll_steps(KB)
 
     @T.macro
-    def tile_of(t, ev, TileMap):
-        """ev = (expert, M tile, first column) of the t-th tile (plan.tile_coords), computed once per tile
-        into registers (the runtime divisions would otherwise be repeated at every use)."""
-        run0 = TileMap[1, t // NT]
-        local = t - run0 * NT
-        ev[1] = run0 + local % TileMap[2, t // NT]
-        ev[2] = (local // TileMap[2, t // NT]) * BN
+    def load_tile(t, ev, TileMap):
+        """ev = (expert, M tile, first column) of the t-th tile (:func:`kernel.tile_of`), computed once per
+        tile into registers (the runtime divisions would otherwise be repeated at every use)."""
+        mt, nt = tile_of(TileMap, t, NT)
+        ev[1] = mt
+        ev[2] = nt * BN
         ev[0] = TileMap[0, ev[1]]
 
     @T.macro
@@ -142,11 +141,11 @@ def build_program(key: GemmKey) -> Any:
     def consumer(b, r0, total, p0, p1):
         """One consumer warpgroup: rows r0 .. r0 + 63 of every tile of block ``b`` (a :class:`_Block`)."""
         T.set_max_nreg(NREG_CONSUMER, 1)
-        total_tiles = T.ceildiv(b.C.shape[0], BM) * NT
+        total_tiles = T.ceildiv(rows, BM) * NT
         for it in T.serial(T.ceildiv(total_tiles, G)):
             t = b.bid + it * G
             if t < total_tiles:
-                tile_of(t, b.ev, b.TileMap)
+                load_tile(t, b.ev, b.TileMap)
                 e, mt, n0 = b.ev[0], b.ev[1], b.ev[2]
                 steps = T.if_then_else(e >= 0, KB, 0)
                 T.clear(total)
@@ -224,7 +223,7 @@ def build_program(key: GemmKey) -> Any:
                 for it in T.serial(T.ceildiv(total_tiles, G)):
                     t = bid + it * G
                     if t < total_tiles:
-                        tile_of(t, ev, TileMap)
+                        load_tile(t, ev, TileMap)
                         e, m0, n0 = ev[0], ev[1] * BM, ev[2]
                         if e >= 0:
                             for k in T.serial(KB):

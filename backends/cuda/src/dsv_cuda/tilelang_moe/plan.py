@@ -13,7 +13,9 @@ TMA in a warp-specialized pipeline.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 #: FP8 block scaling: weights carry one fp32 scale per 128x128 block, activations one per 1x128 group. The
 #: kernel's K step is one scale block, so each step's partial product is scaled once (DeepGEMM's "2xAcc").
@@ -210,17 +212,21 @@ def unroll_steps(k_blocks: int) -> int:
     return max((u for u in range(2, 17, 2) if k_blocks % u == 0), default=1)
 
 
-def tile_coords(t: int, n_tiles: int, run_start: list[int], run_len: list[int]) -> tuple[int, int]:
-    """(M tile, N tile) of the ``t``-th tile a kernel runs (the kernels compute the same in TIR).
+def tile_coords(
+    t: Any, n_tiles: int, run_start: Callable[[Any], Any], run_len: Callable[[Any], Any]
+) -> tuple[Any, Any]:
+    """(M tile, N tile) of the ``t``-th tile a kernel runs; ``run_start(q)`` / ``run_len(q)`` read rows 1 and 2
+    of the tile map at M tile ``q``. Plain arithmetic, so the same function serves Python integers (the tests)
+    and TileLang expressions (both programs, through :func:`dsv_cuda.tilelang_moe.kernel.tile_of`).
 
     The M tiles of one expert's run ``[s, s + c)`` own the linear range ``[s * n_tiles, (s + c) * n_tiles)``;
     inside it the run's M tiles go fastest, so the blocks in flight together read the same weight tile (each
     of B's tiles then comes from DRAM about once, where N-fastest order re-read the weights of the experts
-    whose runs straddle two waves of blocks). ``run_start`` / ``run_len``: rows 1 and 2 of the tile map."""
+    whose runs straddle two waves of blocks)."""
     q = t // n_tiles
-    s, c = run_start[q], run_len[q]
+    s = run_start(q)
     local = t - s * n_tiles
-    return s + local % c, local // c
+    return s + local % run_len(q), local // run_len(q)
 
 
 def padded_rows(routed_rows: int, experts: int, block_m: int) -> int:
