@@ -115,6 +115,13 @@ def routing(t: int, e: int, top_k: int, seed: int, unused: int = 0) -> tuple[tor
     return torch.rand(t, top_k, generator=g, device=DEV), ids
 
 
+def large_tokens(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(routing weights, expert ids, bf16 x [t, HIDDEN]) of the large cases' ``t`` tokens, seeded by ``t``."""
+    w, ids = routing(t, E, TOPK, 300 + t)
+    x = torch.randn(t, HIDDEN, generator=torch.Generator(device=DEV).manual_seed(t), device=DEV)
+    return w, ids, x.to(torch.bfloat16)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(max |out - ref| / max |ref|, mean |out - ref| / mean |ref|)."""
     d = (out.float() - ref.float()).abs()
@@ -230,9 +237,7 @@ def step_large(rec: Recorder, sizes: list[int], configs: list[Tiles], bench: boo
         if time.perf_counter() > deadline:
             rec.put("large", {"T": t, "skipped": "time budget spent"})
             continue
-        w, ids = routing(t, E, TOPK, 300 + t)
-        x = torch.randn(t, HIDDEN, generator=torch.Generator(device=DEV).manual_seed(t), device=DEV)
-        x = x.to(torch.bfloat16)
+        w, ids, x = large_tokens(t)
         rows = t * TOPK
         fl = flops(rows, INTER, HIDDEN)
         base = triton_moe(x, w, ids, ex)
@@ -299,9 +304,7 @@ def _gemm_times(
 def step_profile(rec: Recorder, t: int, configs: list[Tiles]) -> None:
     """One warm call of the default tiles and of each config inside cudaProfilerStart/Stop, in that order."""
     ex = make_experts(E, HIDDEN, INTER, "ue8m0", 7, exact=False)
-    w, ids = routing(t, E, TOPK, 300 + t)
-    x = torch.randn(t, HIDDEN, generator=torch.Generator(device=DEV).manual_seed(t), device=DEV)
-    x = x.to(torch.bfloat16)
+    w, ids, x = large_tokens(t)
     for tiles in [None, *configs]:
         tl_moe.fused_moe(x, w, ids, ex, tiles=tiles)
         torch.cuda.synchronize()
