@@ -68,6 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rep-ms", type=float, default=60.0, help="do_bench measuring time per figure")
     p.add_argument("--cpu-reps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile N eager runs of the attention block and of the step: kernels by time (JSON + log)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         timer=Timer(device, timing, args.rep_ms, args.cpu_reps),
         seed=args.seed,
         out=args.out,
+        profile_iters=args.profile,
     )
     for kv in kv_dtypes:  # refuse a bad kernel choice before building tens of GB of weights
         ops_for(s, kv)

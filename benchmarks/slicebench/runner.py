@@ -26,6 +26,7 @@ from .caches import (
 )
 from .config import GB
 from .optables import Recorder, all_positions_topk, ops_for, replace_kernel
+from .profile import format_table, kernel_table
 from .report import case_line
 from .settings import Settings
 from .timing import free_memory
@@ -103,6 +104,13 @@ def time_mode(
         fn, args, kwargs = rec.calls[op]
         row[key] = s.timer.eager(lambda fn=fn, args=args, kwargs=kwargs: fn(*args, **kwargs))
     row["topk"] = int(rec.calls["sparse_mla_decode"][1][2].shape[1])  # (q, cache, slots, scale)
+    if s.profile_iters:
+        for key, fn in (
+            ("attn_profile", lambda: block(h, rope, meta, caches[0], ops)),
+            ("step_profile", lambda: model(ids, meta, caches, ops)),
+        ):
+            row[key] = kernel_table(fn, s.device, s.profile_iters)
+            print(format_table(f"{plan.kv_dtype} B={plan.batch} C={plan.context} {mode} {key}", row[key]))
     return row
 
 

@@ -33,6 +33,7 @@ class Settings:
     timer: Timer
     seed: int
     out: str | None = None
+    profile_iters: int = 0  # > 0: kernel tables of the attention block and the step (slicebench.profile)
 
     def save(self, results: dict[str, Any]) -> None:
         """Write what is measured so far (a run cut short by the device's time limit still leaves its cases)."""
