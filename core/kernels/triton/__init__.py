@@ -14,6 +14,7 @@ from typing import Any
 #: op name -> (module under this package, function name).
 _KERNELS: dict[str, tuple[str, str]] = {
     "linear": ("fp8_gemm", "linear"),
+    "rms_norm": ("norm", "rms_norm"),
     "indexer_topk_prefill": ("indexer", "indexer_topk"),
     "indexer_topk_decode": ("indexer", "indexer_topk"),
     "sparse_mla_prefill": ("sparse_mla", "sparse_mla"),
