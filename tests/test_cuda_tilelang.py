@@ -175,7 +175,10 @@ def test_topk_is_padded_to_whole_blocks_of_every_split():
 
 def test_splits_only_when_programs_leave_sms_idle():
     assert tl_mla.plan(1, 128, 2048, 132).splits == 16
+    assert tl_mla.plan(8, 128, 2048, 132).splits == 8
     assert tl_mla.plan(16, 128, 2048, 132).splits == 4
+    assert tl_mla.plan(32, 128, 2048, 132).splits == 2  # 64 programs: half the SMs without a split
+    assert tl_mla.plan(48, 128, 2048, 132).splits == 1
     assert tl_mla.plan(64, 128, 2048, 132).splits == 1
     assert tl_mla.plan(4096, 128, 2048, 132).splits == 1
     assert tl_mla.plan(1, 128, 128, 132).splits == 1  # 2 index blocks: never one block per split

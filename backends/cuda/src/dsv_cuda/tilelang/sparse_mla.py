@@ -40,7 +40,9 @@ HALF = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 BLOCK_H = 64  # heads per thread block: wgmma tiles are 64 rows
 BLOCK_I = 64  # gathered KV rows per pipeline step
 #: Split-KV factors used (few, so that few kernels get compiled): the largest one that fits is chosen.
-SPLIT_CHOICES = (1, 4, 16)
+#: 2 and 8 serve batches 17-32 and 5-8 at H = 128, whose (token, head block) programs would otherwise fill
+#: less than half of an H200's 132 SMs (backends/cuda/scripts/tilelang_splits.py times every factor).
+SPLIT_CHOICES = (1, 2, 4, 8, 16)
 
 
 #: Kernel variants. "simple" (sparse_mla_kernel): one [64, R] accumulator per 256-thread block, TileLang's
