@@ -51,6 +51,30 @@ def test_fp8_linear_matches_reference(m: int, n: int, k: int, dtype: torch.dtype
     _close(out, ref_linear(x, w, s, (128, 128), fmt), dtype)
 
 
+@pytest.mark.parametrize("splits", [1, 2, 5])
+def test_split_k_partials_sum_to_the_same_product(splits: int) -> None:
+    # 5 K blocks of 128 (the last ragged): forced splits of 1, 2 (3 + 2 blocks) and 5 (one block each).
+    gen = torch.Generator().manual_seed(splits)
+    w, s = weight_quant(torch.randn(96, 600, generator=gen) * 0.05)
+    x = torch.randn(4, 600, generator=gen)
+    out = linear(x.to(DEVICE), w.to(DEVICE), s.to(DEVICE), (128, 128), config=_decode_cfg(splits))
+    _close(out, ref_linear(x, w, s, (128, 128)), torch.float32)
+
+
+def _decode_cfg(splits: int) -> dict[str, int]:
+    return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "SPLIT_K": splits}
+
+
+def test_split_k_choice() -> None:
+    from dsv.kernels.triton.fp8_gemm import split_k
+
+    assert split_k(200, 56, 132) == (1, 56)  # the output tiles fill the GPU: no split
+    assert split_k(24, 56, 132) == (10, 6)  # q_a at M <= 16: 24 tiles x 10 splits ~ 2 programs per SM
+    assert split_k(9, 56, 132) == (28, 2)  # kv_a: 9 tiles
+    assert split_k(4, 3, 132) == (3, 1)  # never more splits than K blocks
+    assert split_k(1, 1, 132) == (1, 1)
+
+
 def test_float_linear_is_torch_matmul() -> None:
     x, w = torch.randn(3, 40), torch.randn(24, 40)
     _close(linear(x.to(DEVICE), w.to(DEVICE)), ref_linear(x, w), torch.float32)

@@ -35,7 +35,7 @@ def plan(quick: bool, smoke: bool) -> list[Case]:
                 "fused_moe", f"T{t} ({t * 8} rows)", t, t, 256, 8, 2048, 7168, "" if t == 64 else moe_ref_note
             )
         )
-    for m in [4096] if quick else [1, 64, 4096]:
+    for m in [4096] if quick else [1, 16, 32, 64, 4096]:
         shapes = LINEAR_SHAPES
         if quick:
             shapes = {k: v for k, v in LINEAR_SHAPES.items() if k.split()[0] in ("q_a", "o", "mlp_gate_up")}

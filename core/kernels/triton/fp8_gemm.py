@@ -6,6 +6,8 @@ which is the reference's ``dequant(a) @ dequant(w).T`` up to summation order (fp
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +32,8 @@ def _fp8_gemm_kernel(
     stride_bn,
     stride_bsn,
     stride_cm,
+    stride_cs,
+    K_BLOCKS_PER_SPLIT,
     BLOCK_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -39,6 +43,7 @@ def _fp8_gemm_kernel(
 ):
     # Grouped program order: GROUP_M row tiles share each weight column tile while it is in L2.
     pid = tl.program_id(0)
+    split = tl.program_id(1)  # split-K: this program's share of the K blocks, into its own partial plane
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     group = pid // (GROUP_M * tiles_n)
@@ -56,15 +61,47 @@ def _fp8_gemm_kernel(
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
     b_scale_rows = bs_ptr + (offs_n // BLOCK_OUT) * stride_bsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    kb_start = split * K_BLOCKS_PER_SPLIT
+    kb_end = tl.minimum(kb_start + K_BLOCKS_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+    for kb in range(kb_start, kb_end):
         k = kb * BLOCK_K + offs_k
         a = tl.load(a_rows + k[None, :], mask=mmask[:, None] & (k[None, :] < K), other=0.0)
         b = tl.load(b_rows + k[None, :], mask=nmask[:, None] & (k[None, :] < K), other=0.0)
         a_s = tl.load(as_ptr + offs_m * stride_asm + kb, mask=mmask, other=0.0)
         b_s = tl.load(b_scale_rows + kb, mask=nmask, other=0.0)
         acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    c_ptrs = (
+        c_ptr + split.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    )
     store_cast(c_ptrs, acc, mmask[:, None] & nmask[None, :], BF16_BITS)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, S, MN, BLOCK: tl.constexpr, BF16_BITS: tl.constexpr):
+    """out = sum over s of part[s] (fp32, s in order), cast to out's dtype: one launch instead of sum + copy."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(0, S):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    store_cast(out_ptr + offs, acc, mask, BF16_BITS)
+
+
+#: Split-K aims at this many programs per SM when the output tiles alone are fewer than the SMs: at decode
+#: sizes (M <= 64) a [M, N] output has a few dozen 64-wide column tiles, each streaming all of K, so without
+#: splitting most SMs would idle while the weights are read.
+SPLIT_K_PROGRAMS_PER_SM = 2
+
+
+def split_k(tiles: int, k_blocks: int, sms: int) -> tuple[int, int]:
+    """(splits, K blocks per split) for ``tiles`` output tiles over ``k_blocks`` K blocks on ``sms`` SMs: one
+    split when the tiles fill the GPU, else enough splits for about :data:`SPLIT_K_PROGRAMS_PER_SM` programs
+    per SM (each split at least one K block; no empty split)."""
+    if tiles >= sms or k_blocks <= 1:
+        return 1, max(k_blocks, 1)
+    want = min(k_blocks, -(-SPLIT_K_PROGRAMS_PER_SM * sms // tiles))
+    per = -(-k_blocks // want)
+    return -(-k_blocks // per), per
 
 
 def _config(m: int) -> dict[str, int]:
@@ -86,7 +123,12 @@ def fp8_block_matmul(
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """C [M, N] = (a * a_scale) @ (b * b_scale).T for a [M, K] fp8 with scales [M, K/bk] and b [N, K] fp8 with
-    block scales [N/bn, K/bk]; fp32 accumulation, output in ``out_dtype``."""
+    block scales [N/bn, K/bk]; fp32 accumulation, output in ``out_dtype``.
+
+    When the output tiles are fewer than the GPU's SMs, K is split (:func:`split_k`): each split writes an
+    fp32 partial and the partials are summed in a fixed order (deterministic, unlike atomics).
+    ``config["SPLIT_K"]`` forces a split count.
+    """
     m, k = a.shape
     n = b.shape[0]
     bn, bk = block
@@ -98,9 +140,17 @@ def fp8_block_matmul(
     b = b if b.stride(-1) == 1 else b.contiguous()
     b_scale = b_scale.float().contiguous()
     cfg = dict(config or _config(m))
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    out_view, bf16_bits = store_view(out)
-    _fp8_gemm_kernel[grid](
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    k_blocks = triton.cdiv(k, bk)
+    forced = cfg.pop("SPLIT_K", None)
+    if forced is not None:
+        per = -(-k_blocks // max(1, forced))
+        splits = -(-k_blocks // per)
+    else:
+        splits, per = split_k(tiles, k_blocks, _sm_count(a.device))
+    target = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=a.device)
+    out_view, bf16_bits = store_view(target)
+    _fp8_gemm_kernel[(tiles, splits)](
         a,
         a_scale,
         b,
@@ -113,14 +163,34 @@ def fp8_block_matmul(
         a_scale.stride(0),
         b.stride(0),
         b_scale.stride(0),
-        out.stride(0),
+        target.stride(-2),
+        m * n,
+        per,
         BLOCK_OUT=bn,
         BLOCK_K=bk,
         GROUP_M=8,
         BF16_BITS=bf16_bits,
         **cfg,
     )
+    if splits > 1:
+        final_view, final_bits = store_view(out)
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](
+            target, final_view, splits, m * n, BLOCK=block, BF16_BITS=final_bits
+        )
     return out
+
+
+def _sm_count(device: torch.device) -> int:
+    """SMs (CUs) of a GPU; under the interpreter (CPU tensors) a nominal 8, so that tests exercise split-K."""
+    if device.type != "cuda":
+        return 8
+    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=8)
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def linear(

@@ -91,6 +91,18 @@ def _triton_act_quant() -> Callable | None:
     return triton_act_quant
 
 
+@functools.lru_cache(maxsize=1)
+def triton_linear() -> Callable | None:
+    """dsv's Triton block-FP8 linear (the reference signature), None without a usable Triton."""
+    from dsv.kernels.triton import triton_available
+
+    if not triton_available()[0]:
+        return None
+    from dsv.kernels.triton.fp8_gemm import linear
+
+    return linear
+
+
 def quantize_activations(
     x: torch.Tensor, block: int, scale_fmt: str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:

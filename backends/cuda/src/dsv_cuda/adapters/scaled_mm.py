@@ -15,6 +15,10 @@ the padded weight-scale stride cuBLAS reads); those shapes go through ``torch.nn
 (the v2 API), which takes the weight scales padded to [round_up(K/128, 4), N/128]. DeepSeek-V3.2's K
 (7168, 1536, 512, 16384, 18432, 2048) are all multiples of 512, so the v1 call serves the model.
 Shapes outside the recipe (float weights, other blocks, K or N not multiples of 16) use the reference math.
+
+Decode-sized calls (M <= :data:`TRITON_MAX_M`) go to dsv's Triton FP8 kernel, which splits K across the SMs
+(same quantization, fp32 accumulation; within the same conformance tolerance): cuBLASLt's block-scaled
+kernels leave most of the GPU idle there.
 """
 
 from __future__ import annotations
@@ -23,9 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from dsv.ops.linear import linear as reference_linear
-from dsv_cuda.adapters.common import quantize_activations
+from dsv_cuda.adapters.common import quantize_activations, triton_linear
 
 BLOCK = (128, 128)
+#: Calls with at most this many rows run dsv's Triton split-K kernel. H200, CUDA graph replays with the
+#: activation quantization (``benchmarks/kernels.py --only "fp8_gemm M1,fp8_gemm M32,fp8_gemm M64" --graphs``,
+#: eighth session): at M 1 / 16 / 32 Triton took 203 / 193 / 214 us over the nine V3.2 projections against 280
+#: / 239 / 260 for cuBLASLt (q_a at M 1: 12.9 vs 22.2 us), and won on 26 of 27 shapes (lost shared_down by
+#: <= 2 us); at M 64 each won on some shapes.
+TRITON_MAX_M = 32
 #: cuBLAS reads fp32 scale columns 16 bytes at a time.
 SCALE_ALIGN = 4
 
@@ -57,6 +67,9 @@ def linear(
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    small = triton_linear() if x.is_cuda and 0 < m <= TRITON_MAX_M else None
+    if small is not None:
+        return small(x, weight, scale_inv, block, act_scale_fmt)
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
     if m % SCALE_ALIGN:
