@@ -15,6 +15,7 @@ from typing import Any
 _KERNELS: dict[str, tuple[str, str]] = {
     "linear": ("fp8_gemm", "linear"),
     "rms_norm": ("norm", "rms_norm"),
+    "moe_route": ("route", "moe_route"),
     "indexer_topk_prefill": ("indexer", "indexer_topk"),
     "indexer_topk_decode": ("indexer", "indexer_topk"),
     "sparse_mla_prefill": ("sparse_mla", "sparse_mla"),
