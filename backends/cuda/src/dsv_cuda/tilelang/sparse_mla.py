@@ -21,7 +21,7 @@ everywhere (B64 107 µs, prefill 416 TFLOPS) and was removed (commit 948bfd0 has
 FP8 cache (FlashMLA's 656-byte rows), decode, same shapes, 1/8 of the list -1, CUDA graph: "ws" B16 / B64 /
 B128 49.6 / 128.0 / 244.1 µs (184 / 285 / 299 TFLOPS) against dsv's Triton kernel's 75.0 / 217.4 / 407.7 µs
 in the same run, so the registered decode op runs FP8 rows on "ws"; the calls "auto" keeps off "ws" (splits
-of < 4 blocks: batch <= 8 at H = 128) and a non-bf16/fp16 read-back dtype go to the Triton kernel.
+of < 4 blocks: batch <= 4 at H = 128, 132 SMs) and a non-bf16/fp16 read-back dtype go to the Triton kernel.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def variant_unsupported(
 def fp8_auto_unsupported(r: int, dr: int, block_h: int, block_i: int, blocks_per_split: int | None) -> str:
     """Why "auto" cannot serve FlashMLA's FP8 rows here ("" when it runs them on "ws"): only the "ws" producer
     dequantizes them, and "auto" runs "ws" on splits of at least :data:`WS_MIN_BLOCKS` blocks only (decode
-    at batch <= 8 and H = 128 gets 16 splits of 2 blocks; dsv's Triton kernel serves those)."""
+    at batch <= 4 and H = 128 on 132 SMs gets 16 splits of 2 blocks; dsv's Triton kernel serves those)."""
     why = ws_unsupported(r, dr, block_h, block_i, "fp8")
     if why:
         return why
@@ -405,7 +405,7 @@ def sparse_mla_decode(
 
     FlashMLA's FP8 cache goes to the "ws" kernel, whose producer dequantizes the rows (H200, H = 128, top-k
     2048, CUDA graph: see the module docstring); the calls it does not take (splits of < 4 blocks: batch
-    <= 8 at H = 128) run dsv's Triton kernel, which reads the same rows."""
+    <= 4 at H = 128 on 132 SMs) run dsv's Triton kernel, which reads the same rows."""
     if cache.layout == "fp8" and q.is_cuda and not ws_reads_fp8(q, cache, indices):
         from dsv.kernels.triton.sparse_mla import sparse_mla as triton_sparse_mla
 
