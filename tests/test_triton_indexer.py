@@ -110,11 +110,17 @@ def test_indexer_matches_reference(page: int, quantized: bool, qdtype: torch.dty
         _check_topk(got, want, want_logits, meta.positions, tol)
 
 
-@pytest.mark.parametrize("impl", ["torch", "auto"])
-def test_indexer_topk_impl_options(impl: str) -> None:
+@pytest.mark.parametrize(
+    "impl,iters", [("torch", None), ("auto", None), ("multiblock", 1), ("multiblock", 3)]
+)
+def test_indexer_topk_impl_options(impl: str, iters: int | None) -> None:
+    # logits_iters changes how many key blocks each logits program scores, and so the groups whose maxima
+    # the multiblock top-k filters with; the selection must not change.
     meta, cache, dev = _batch(16, True)
     q, w = _query(meta, True, torch.float32)
-    got = indexer_topk(q.to(DEVICE), w.to(DEVICE), dev, meta.to(DEVICE), 32, topk_impl=impl)
+    got = indexer_topk(
+        q.to(DEVICE), w.to(DEVICE), dev, meta.to(DEVICE), 32, topk_impl=impl, logits_iters=iters
+    )
     want = ref.indexer_topk(q, w, cache, meta, 32)
     _check_topk(got, want, ref.indexer_logits(q, w, cache, meta), meta.positions)
 

@@ -112,12 +112,12 @@ def indexer_case(
     if extras:
         # Each "auto" choice on its own, and the logits kernel alone (what the top-k adds is the difference).
         for impl in ("triton", "multiblock", "torch"):
-            case.extras[f"triton {impl}"] = lambda a, impl=impl: _indexer_call(a, topk_impl=impl)
-        case.extras["triton logits only"] = lambda a: _indexer_call(a, logits=True)
+            case.extras[f"triton {impl}"] = lambda a, impl=impl: indexer_call(a, topk_impl=impl)
+        case.extras["triton logits only"] = lambda a: indexer_call(a, logits=True)
     return case
 
 
-def _indexer_call(args: tuple, logits: bool = False, **kw: Any) -> Callable[[], Any]:
+def indexer_call(args: tuple, logits: bool = False, **kw: Any) -> Callable[[], Any]:
     from dsv.kernels.triton.indexer import indexer_logits, indexer_topk
 
     if logits:

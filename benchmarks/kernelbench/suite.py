@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .case import Case, sweep_variants
-from .cases_attention import indexer_case, kv_write_case, sparse_mla_case
+from .cases_attention import indexer_call, indexer_case, kv_write_case, sparse_mla_case
 from .cases_gemm import LINEAR_SHAPES, linear_case
 from .cases_moe import moe_case
 
@@ -108,6 +108,14 @@ def sweep_cases() -> list[Case]:
     sweep_variants(logits, lambda *a, **kw: indexer_logits(*a[:4], **kw), tiles, keys)
     logits.compare = lambda args: lambda out, ref: float((out - ref).abs().max() / ref.abs().max())
     cases.append(logits)
+    for b in (1, 4, 16):
+        # Small batches give the logits kernel few programs (32 per row at 128K): a candidate default that
+        # splits each row until the 132 SMs get two programs each (B1: 3 key blocks per program, not 32).
+        iters = max(1, min(32, 131072 // (128 * max(32, -(-264 // b)))))
+        small = indexer_case("sweep indexer small batch", f"B{b} ctx128K", b, b, 131072, 2048)
+        small.extras[f"logits iters {iters}"] = lambda a, it=iters: indexer_call(a, logits_iters=it)
+        small.table = False
+        cases.append(small)
     gemm = linear_case("sweep linear", "M4096 o", "M4096 o", 4096, 7168, 16384)
     gemm.extras = {}
     for bm, bn, w, st in [(64, 128, 4, 3), (128, 128, 8, 4), (64, 128, 4, 5)]:

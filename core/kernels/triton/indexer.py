@@ -205,9 +205,11 @@ def indexer_topk(
     topk: int,
     *,
     topk_impl: str = "auto",
+    logits_iters: int | None = None,
 ) -> torch.Tensor:
     """Triton twin of :func:`dsv.ops.indexer.indexer_topk`: [T, topk] int32 positions, -1 padded.
 
+    ``logits_iters``: key blocks per logits program (default :func:`default_iters`).
     ``topk_impl``: ``"triton"`` (radix select, one program per row) and ``"multiblock"`` (the row filtered
     first by many programs, :mod:`dsv.kernels.triton.topk_multiblock`) return each row's selection unsorted,
     ties to lower positions; ``"torch"`` runs torch.topk on the Triton logits (sorted by score). ``"auto"``
@@ -222,9 +224,10 @@ def indexer_topk(
         long_rows = meta.max_seq_len > _RADIX_MAX_LEN and meta.num_tokens <= _MULTIBLOCK_MAX_ROWS
         topk_impl = "multiblock" if long_rows else "triton"
     if topk_impl == "torch":
-        return topk_positions(indexer_logits(q, weights, cache, meta), topk)
+        return topk_positions(indexer_logits(q, weights, cache, meta, iters=logits_iters), topk)
     pos = meta.positions  # the kernels take min(pos + 1, max_seq_len) keys per row (no extra launches)
     if topk_impl == "triton":
-        return topk_indices(indexer_logits(q, weights, cache, meta), pos, topk, from_positions=True)
-    logits, gmax = indexer_logits(q, weights, cache, meta, group_max=True)
+        logits = indexer_logits(q, weights, cache, meta, iters=logits_iters)
+        return topk_indices(logits, pos, topk, from_positions=True)
+    logits, gmax = indexer_logits(q, weights, cache, meta, iters=logits_iters, group_max=True)
     return topk_indices_filtered(logits, pos, gmax, topk, from_positions=True)
