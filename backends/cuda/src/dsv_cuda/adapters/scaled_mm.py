@@ -32,9 +32,9 @@ from dsv_cuda.adapters.common import quantize_activations, triton_linear
 BLOCK = (128, 128)
 #: Calls with at most this many rows run dsv's Triton split-K kernel. H200, CUDA graph replays with the
 #: activation quantization (``benchmarks/kernels.py --only "fp8_gemm M1,fp8_gemm M32,fp8_gemm M64" --graphs``,
-#: eighth session): at M 1 / 16 / 32 Triton took 203 / 193 / 214 us over the nine V3.2 projections against 280
-#: / 239 / 260 for cuBLASLt (q_a at M 1: 12.9 vs 22.2 us), and won on 26 of 27 shapes (lost shared_down by
-#: <= 2 us); at M 64 each won on some shapes.
+#: eighth session): at M 1 / 16 / 32 Triton took 193 / 181 / 198 us over the nine V3.2 projections against 280
+#: / 239 / 260 for cuBLASLt (q_a at M 1: 11.5 vs 22.2 us), and won on 26 of 27 shapes in the first run (lost
+#: shared_down by <= 2 us); at M 64 each won on some shapes.
 TRITON_MAX_M = 32
 #: cuBLAS reads fp32 scale columns 16 bytes at a time.
 SCALE_ALIGN = 4
