@@ -1,7 +1,8 @@
-"""Small helpers shared by the Triton wrappers (dtype mapping, interpreter detection)."""
+"""Small helpers shared by the Triton wrappers (dtype mapping, interpreter detection, SM count)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -25,3 +26,13 @@ def dot_dtype(*dtypes: torch.dtype) -> tl.dtype:
     if first in (torch.bfloat16, torch.float16) and all(d == first for d in dtypes) and not interpreting():
         return TL_DTYPES[first]
     return tl.float32
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors (compute units) of a GPU, cached per device index."""
+    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -6,12 +6,11 @@ which is the reference's ``dequant(a) @ dequant(w).T`` up to summation order (fp
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from dsv.kernels.triton.common import sm_count
 from dsv.kernels.triton.quant import act_quant, store_cast, store_view
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
@@ -183,14 +182,7 @@ def fp8_block_matmul(
 
 def _sm_count(device: torch.device) -> int:
     """SMs (CUs) of a GPU; under the interpreter (CPU tensors) a nominal 8, so that tests exercise split-K."""
-    if device.type != "cuda":
-        return 8
-    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=8)
-def _device_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return sm_count(device) if device.type == "cuda" else 8
 
 
 def linear(

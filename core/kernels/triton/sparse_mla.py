@@ -7,13 +7,11 @@ programs (split-KV) and a second kernel merges the partial results through their
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from dsv.kernels.triton.common import TL_DTYPES, dot_dtype, interpreting
+from dsv.kernels.triton.common import TL_DTYPES, dot_dtype, interpreting, sm_count
 from dsv.kernels.triton.quant import round_to, store_cast, store_view
 from dsv.ops.kv_cache import MLACacheLayer
 
@@ -193,16 +191,11 @@ def _merge_splits_kernel(
     store_cast(out_ptr + t * stride_ot + h * stride_oh + offs_r, out, offs_r < R, BF16_BITS)
 
 
-@functools.lru_cache(maxsize=16)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _auto_splits(q: torch.Tensor, programs: int, k_blocks: int) -> int:
     """Enough splits to give every SM about two programs; one on CPU (the interpreter)."""
     if q.device.type != "cuda" or k_blocks < 4:
         return 1
-    return max(1, min(k_blocks // 2, triton.cdiv(2 * _sm_count(q.device), max(programs, 1)), 32))
+    return max(1, min(k_blocks // 2, triton.cdiv(2 * sm_count(q.device), max(programs, 1)), 32))
 
 
 def sparse_mla(
