@@ -93,14 +93,11 @@ def _triton_act_quant() -> Callable | None:
 
 @functools.lru_cache(maxsize=1)
 def triton_linear() -> Callable | None:
-    """dsv's Triton block-FP8 linear (the reference signature), None without a usable Triton."""
-    from dsv.kernels.triton import triton_available
+    """dsv's Triton kernel for the ``linear`` op (the kernel table's entry), None without a usable Triton."""
+    from dsv_cuda.libraries import triton_kernels
 
-    if not triton_available()[0]:
-        return None
-    from dsv.kernels.triton.fp8_gemm import linear
-
-    return linear
+    table, ok, _ = triton_kernels()
+    return table.get("linear") if ok else None
 
 
 def quantize_activations(
