@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from dsv.ops.linear import dequantized_weight
-from dsv.ops.quant import quant_roundtrip, weight_dequant
+from dsv.ops.quant import fresh_temporary, quant_roundtrip, weight_dequant
 
 
 @dataclass
@@ -139,10 +139,10 @@ def expert_hidden(
     """h = silu(gate) * up from products rounded to ``dtype``, rounded to ``dtype``; requantized (fp32) for FP8
     experts: what the down product takes."""
     g, u = gate.to(dtype).float(), up.to(dtype).float()
-    if g is gate or torch.compiler.is_compiling():
-        h = torch.nn.functional.silu(g) * u
-    else:  # eager: in place on the fresh copy (the same values; a large temporary costs its page faults)
+    if fresh_temporary(g, gate):
         h = torch.nn.functional.silu(g, inplace=True).mul_(u)
+    else:
+        h = torch.nn.functional.silu(g) * u
     return expert_input(h.to(dtype), experts)
 
 

@@ -27,6 +27,14 @@ def ue8m0_round(scale: torch.Tensor) -> torch.Tensor:
     return ((bits + 0x007FFFFF) & 0x7F800000).view(torch.float32)
 
 
+def fresh_temporary(result: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether an op may finish its work in place on ``result``: a new tensor it made (not ``source`` itself),
+    outside torch.compile (whose graphs keep the out-of-place form for inductor to fuse). On the CPU each
+    large fresh temporary is a new mmap whose first touch page-faults, so reusing the copy an op already made
+    saves that cost; the values are the same."""
+    return result is not source and not torch.compiler.is_compiling()
+
+
 def act_quant(
     x: torch.Tensor, block: int = 128, scale_fmt: str | None = None, fp8: torch.dtype = torch.float8_e4m3fn
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,9 +52,7 @@ def act_quant(
     xg = xf.view(*x.shape[:-1], groups, block)
     scale = _group_scale(xg, fp8, scale_fmt)
     limit = fp8_dtype_max(fp8)
-    # Eager: divide in place when xf is a copy (a fresh large temporary costs its page faults on the CPU).
-    owned = xf is not x and not torch.compiler.is_compiling()
-    scaled = xg.div_(scale.unsqueeze(-1)) if owned else xg / scale.unsqueeze(-1)
+    scaled = xg.div_(scale.unsqueeze(-1)) if fresh_temporary(xf, x) else xg / scale.unsqueeze(-1)
     q = scaled.clamp_(-limit, limit).to(fp8)
     q = q.view(*x.shape[:-1], groups * block)
     return (q[..., :n] if pad else q), scale
@@ -102,12 +108,8 @@ def act_dequant(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch
     if n % block == 0:  # whole groups: broadcast each scale over its group instead of expanding the scales
         values = fp8_to_float(q)
         grouped = values.view(*q.shape[:-1], n // block, block)
-        # Eager: scale the fresh widened copy in place (no second large temporary).
-        owned = (
-            values is not q
-            and values.dtype == scale.dtype == torch.float32
-            and not torch.compiler.is_compiling()
-        )
+        # The widened copy takes the scales in place when that keeps the result's dtype.
+        owned = fresh_temporary(values, q) and values.dtype == scale.dtype == torch.float32
         scaled = grouped.mul_(scale.unsqueeze(-1)) if owned else grouped * scale.unsqueeze(-1)
         return scaled.view(q.shape)
     expanded = scale.repeat_interleave(block, dim=-1)[..., :n]
