@@ -59,6 +59,19 @@ def test_tiny_run_writes_every_case(bench, tmp_path: Path) -> None:
     assert res["env"]["layers"] == 5 and res["env"]["dense_layers"] == 1
 
 
+def test_profile_lists_each_blocks_kernels(bench, tmp_path: Path) -> None:
+    # On the CPU the "kernels" are the torch ops (self CPU time); the attention block is part of the step.
+    out = tmp_path / "slice.json"
+    argv = ["--tiny", "--batches", "3", "--contexts", "100", "--modes", "dsa", "--profile", "1"]
+    assert bench.cli.main([*argv, "--cpu-reps", "1", "--out", str(out)]) == 0
+    (case,) = json.loads(out.read_text())["cases"]
+    attn, step = case["attn_profile"], case["step_profile"]
+    for table in (attn, step):
+        assert table["top"] and table["total_us"] > 0
+        assert [r["us"] for r in table["top"]] == sorted((r["us"] for r in table["top"]), reverse=True)
+    assert step["kernels_per_call"] > attn["kernels_per_call"] > 0
+
+
 def test_bad_kernel_choice_is_refused_before_the_build(bench) -> None:
     with pytest.raises(KernelUnavailable, match="fused_moe"):
         bench.cli.main(["--tiny", "--kernels", "fused_moe=nope"])

@@ -53,13 +53,26 @@ def graph_time(call: Callable[[], Any], rep_ms: float) -> dict[str, Any]:
         return {"graph_failed": f"{type(exc).__name__}: {exc}"[:500]}
 
 
-def kernel_times(call: Callable[[], Any], calls: int = 3) -> list[tuple[str, float]]:
-    """The GPU kernels ``call`` launches with their mean µs per call (torch.profiler), slowest first."""
+def profile_kernels(call: Callable[[], Any], calls: int = 3, cuda: bool = True) -> list[dict[str, Any]]:
+    """What ``call`` runs, from torch.profiler over ``calls`` calls, slowest first: per GPU kernel its name
+    ("kernel"), launches per call ("calls") and device µs per call ("us"); with ``cuda=False`` the torch ops'
+    self CPU time instead (the CPU backend has no kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(calls):
             call()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / calls) for e in prof.key_averages() if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[1])[:8]
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = (e.self_device_time_total if cuda else e.self_cpu_time_total) / calls
+        if us > 0 and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA):
+            rows.append({"kernel": e.key, "calls": e.count / calls, "us": us})
+    return sorted(rows, key=lambda r: -r["us"])
+
+
+def kernel_times(call: Callable[[], Any], calls: int = 3) -> list[tuple[str, float]]:
+    """The 8 slowest GPU kernels ``call`` launches with their mean µs per call."""
+    return [(r["kernel"], r["us"]) for r in profile_kernels(call, calls)[:8]]

@@ -6,12 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from kernelbench.timing import profile_kernels
 
 
 def kernel_table(fn: Callable[[], Any], device: torch.device, iters: int, top: int = 30) -> dict[str, Any]:
     """Per-iteration time and launch count of the ``top`` most expensive kernels of ``fn`` (device time on a
-    GPU, self CPU time otherwise), plus their total and the number of kernels per call.
+    GPU, self CPU time otherwise; :func:`kernelbench.timing.profile_kernels`), plus their total and the
+    number of kernels per call.
 
     Eager runs: a kernel's device time is the same as inside a CUDA graph, and the kernel count says how many
     launches a graph still replays (each costs a few microseconds of gaps even there).
@@ -20,19 +21,10 @@ def kernel_table(fn: Callable[[], Any], device: torch.device, iters: int, top: i
     fn()  # warm-up outside the trace (compilation, lazy caches)
     if cuda:
         torch.cuda.synchronize(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        for _ in range(iters):
-            fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-    rows = []
-    for e in prof.key_averages():
-        us = (e.self_device_time_total if cuda else e.self_cpu_time_total) / iters
-        if us <= 0 or (cuda and e.device_type != torch.autograd.DeviceType.CUDA):
-            continue
-        rows.append({"kernel": e.key[:160], "calls": e.count / iters, "us": round(us, 2)})
-    rows.sort(key=lambda r: -r["us"])
+    rows = [
+        {"kernel": r["kernel"][:160], "calls": r["calls"], "us": round(r["us"], 2)}
+        for r in profile_kernels(fn, iters, cuda)
+    ]
     return {
         "total_us": round(sum(r["us"] for r in rows), 1),
         "kernels_per_call": sum(r["calls"] for r in rows),
