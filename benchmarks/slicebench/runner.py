@@ -93,11 +93,18 @@ def time_mode(
 ) -> dict[str, Any]:
     """The figures of one mode: the step, layer 0's attention block, and its indexer and sparse-MLA ops alone."""
     block = attn_block(model.model.layers[0])
+
+    def step() -> torch.Tensor:
+        return model(ids, meta, caches, ops)
+
+    def attention() -> torch.Tensor:
+        return block(h, rope, meta, caches[0], ops)
+
     row = case_row(plan, mode)
     # Random weights must still give finite activations (NaNs would change what top-k and routing do).
-    row["finite"] = bool(torch.isfinite(model(ids, meta, caches, ops)).all())
-    row["step_ms"] = s.timer.measure(lambda: model(ids, meta, caches, ops))
-    row["attn_ms"] = s.timer.measure(lambda: block(h, rope, meta, caches[0], ops))
+    row["finite"] = bool(torch.isfinite(step()).all())
+    row["step_ms"] = s.timer.measure(step)
+    row["attn_ms"] = s.timer.measure(attention)
     rec = Recorder(ops, ("indexer_topk_decode", "sparse_mla_decode"))
     block(h, rope, meta, caches[0], rec.ops)
     for op, key in (("indexer_topk_decode", "indexer_ms"), ("sparse_mla_decode", "sparse_mla_ms")):
@@ -105,10 +112,7 @@ def time_mode(
         row[key] = s.timer.eager(lambda fn=fn, args=args, kwargs=kwargs: fn(*args, **kwargs))
     row["topk"] = int(rec.calls["sparse_mla_decode"][1][2].shape[1])  # (q, cache, slots, scale)
     if s.profile_iters:
-        for key, fn in (
-            ("attn_profile", lambda: block(h, rope, meta, caches[0], ops)),
-            ("step_profile", lambda: model(ids, meta, caches, ops)),
-        ):
+        for key, fn in (("attn_profile", attention), ("step_profile", step)):
             row[key] = kernel_table(fn, s.device, s.profile_iters)
             print(format_table(f"{plan.kv_dtype} B={plan.batch} C={plan.context} {mode} {key}", row[key]))
     return row
