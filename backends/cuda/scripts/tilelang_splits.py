@@ -52,9 +52,9 @@ def main() -> int:
     ap.add_argument("--formats", default="bf16,fp8")
     ap.add_argument("--out")
     args = ap.parse_args()
-    from dsv_cuda.tilelang.sparse_mla import BLOCK_H, BLOCK_I, _sm_count, plan, sparse_mla
+    from dsv_cuda.tilelang.sparse_mla import BLOCK_H, BLOCK_I, plan, sparse_mla
 
-    sms = _sm_count(torch.cuda.current_device())
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     rows, ok = [], True
     for fmt in args.formats.split(","):
         for b in [int(x) for x in args.batches.split(",")]:
