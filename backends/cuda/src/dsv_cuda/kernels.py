@@ -72,7 +72,7 @@ def build_kernels(arch: tuple[int, int] | None) -> dict[str, list[Kernel]]:
                 "scaled_mm",
                 scaled_mm.linear,
                 scaled_mm_status(arch),
-                "torch._scaled_mm 1x128/128x128 (dsv's Triton split-K kernel at M <= 32)",
+                f"torch._scaled_mm 1x128/128x128 (dsv's Triton split-K kernel at M <= {scaled_mm.TRITON_MAX_M})",
             ),
         ],
         "indexer_topk_prefill": [
