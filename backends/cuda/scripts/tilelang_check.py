@@ -29,6 +29,8 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -271,12 +273,7 @@ def fp8(results: list[dict], with_bench: bool) -> bool:
             row["us"] = round(ms * 1e3, 1)
             row["tflops"] = round(flops(t, 128, 2048) / (ms * 1e-3) / 1e12, 1)
             if phase == "decode":
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    run()
-                graph.replay()
-                torch.cuda.synchronize()
-                row["graph_us"] = round(do_bench(graph.replay, warmup=25, rep=100) * 1e3, 1)
+                row["graph_us"] = graph_us(run)[0]
         except Exception as exc:
             row.update(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-2000:])
         torch.cuda.empty_cache()
@@ -284,6 +281,19 @@ def fp8(results: list[dict], with_bench: bool) -> bool:
         results.append(row)
         print(json.dumps(row), flush=True)
     return ok
+
+
+def graph_us(run: Callable[[], Any]) -> tuple[float, Any]:
+    """Median µs of CUDA graph replays of ``run`` (triton do_bench; ``run`` already ran eagerly, so it is
+    compiled) and the output the graph writes on every replay."""
+    from triton.testing import do_bench
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    return round(do_bench(graph.replay, warmup=25, rep=100) * 1e3, 1), out
 
 
 def flops(t: int, h: int, k: int) -> float:
@@ -318,13 +328,8 @@ def bench_one(phase: str, t: int, h: int, k: int, with_triton: bool, variants: l
             row["tflops"] = round(flops(t, h, k) / (ms * 1e-3) / 1e12, 1)
             if phase == "decode":
                 # Decode runs inside CUDA graphs when serving: time a replay too (no host launch overhead).
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    g_out = run()
-                graph.replay()
-                torch.cuda.synchronize()
+                row["graph_us"], g_out = graph_us(run)
                 row["graph_matches_eager"] = bool(torch.equal(g_out, out))
-                row["graph_us"] = round(do_bench(graph.replay, warmup=25, rep=100) * 1e3, 1)
         except Exception as exc:
             row.update(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-2000:])
         rows.append(row)

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tilelang_check import (  # noqa: E402  (the check script beside this one)
     SM_SCALE,
     compare,
+    graph_us,
     make_cache,
     make_fp8_cache,
     make_indices,
@@ -32,17 +33,6 @@ from tilelang_check import (  # noqa: E402  (the check script beside this one)
 )
 
 TOPK, HEADS = 2048, 128
-
-
-def graph_us(fn) -> float:
-    from triton.testing import do_bench
-
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return round(do_bench(graph.replay, warmup=25, rep=100) * 1e3, 1)
 
 
 def main() -> int:
@@ -68,7 +58,7 @@ def main() -> int:
                 try:
                     run = functools.partial(sparse_mla, q, cache, idx, SM_SCALE, splits=s)
                     row.update(compare(run(), ref))
-                    row["graph_us"] = graph_us(run)
+                    row["graph_us"] = graph_us(run)[0]
                 except Exception as exc:  # e.g. a factor the FP8 "ws" producer does not take
                     row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
                     traceback.print_exc()
